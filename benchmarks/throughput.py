@@ -1,0 +1,266 @@
+"""Training throughput, side by side in one process run: HF Trainer vs plain loop vs sftlab.
+
+    python benchmarks/throughput.py                 # throughput only (a few minutes)
+    python benchmarks/throughput.py --accuracy      # + full 3-epoch runs of (a) and (d)
+    make bench
+
+The same work in every arm: the embedded all-MiniLM-L6-v2, the AG News sample, batch 16,
+max_length 128, the same number of optimizer steps, the same seed.
+
+  (a) hf       the HF Trainer with the seed recipe's settings (random batches, fp32)
+  (b) plain    a plain PyTorch loop (random batches, fp32)
+  (b') plain*  the plain loop with sftlab's default batches and precision
+  (c) sftlab   sftlab's defaults (python train.py)
+  (d) fastest  sftlab's fastest settings
+
+Arms are interleaved (a b b' c d, a b b' c d, ...) so machine drift hits them alike, and the
+best of the repeats is kept (noise on a shared machine only ever slows a run down). Samples/s
+counts training examples over the wall time of the training loop with evaluation off, which
+is what the HF Trainer's ``train_samples_per_second`` means. The last line printed is one JSON
+summary for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import sftlab  # noqa: E402,F401
+
+DATA = ROOT / "data" / "ag_news"
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# sftlab's fastest settings, on top of its defaults (each a config key; see README "Performance")
+FASTEST = ["trainer.precision=bf16-mixed", "data.group_by_length=true"]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_split(tok, split: str, max_length: int, limit: int | None = None):
+    import pandas as pd
+    from datasets import Dataset
+
+    df = pd.read_csv(DATA / f"{split}.csv")
+    if limit:
+        df = df.iloc[:limit]
+    ds = Dataset.from_pandas(df, preserve_index=False)
+    return ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True,
+                  remove_columns=["text"]).rename_column("label", "labels")
+
+
+def model_and_tok():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sftlab.resolvers import embedded_model_path
+
+    path = embedded_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=4, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------- arms
+def run_hf(args, steps: int | None, epochs: float = 1.0, evaluate: bool = False) -> dict:
+    """(a) HF Trainer, the seed's settings: random batches of 16, dynamic padding, fp32."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    model, tok = model_and_tok()
+    train = load_split(tok, "train", args.max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, learning_rate=2e-5,
+            weight_decay=0.01, warmup_ratio=0.06, max_steps=steps or -1, num_train_epochs=epochs,
+            eval_strategy="no", save_strategy="no", report_to=[], logging_strategy="no",
+            seed=args.seed, dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=train,
+                          data_collator=DataCollatorWithPadding(tok))
+        t0 = time.perf_counter()
+        out = trainer.train()
+        wall = time.perf_counter() - t0
+        result = {"samples_per_s": out.metrics["train_samples_per_second"], "wall_s": wall}
+        if evaluate:
+            test = load_split(tok, "test", args.max_length)
+            pred = trainer.predict(test)
+            result["test_acc"] = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+    return result
+
+
+def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
+    """(b) a plain PyTorch loop: AdamW, linear warmup/decay, clip 1.0, nothing else.
+
+    With ``sftlab_batches`` it uses sftlab's default batching (length-grouped) and precision,
+    so its wall time is the floor that sftlab's own loop is measured against.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding, get_scheduler, set_seed
+
+    from sftlab.data import LengthGroupedBatchSampler
+
+    set_seed(args.seed)
+    model, tok = model_and_tok()
+    train = load_split(tok, "train", args.max_length).with_format("torch")
+    collate = DataCollatorWithPadding(tok)
+    bf16 = sftlab_batches and args.default_precision.startswith("bf16")
+    if sftlab_batches:
+        lengths = [len(x) for x in train.with_format(None)["input_ids"]]
+        loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
+            lengths, args.batch_size, shuffle=True, seed=args.seed), collate_fn=collate)
+    else:
+        loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(args.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
+    model.train()
+    done, samples = 0, 0
+    t0 = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            samples += len(batch["labels"])
+            done += 1
+            if done >= steps:
+                break
+    wall = time.perf_counter() - t0
+    return {"samples_per_s": samples / wall, "wall_s": wall}
+
+
+def run_sftlab(args, steps: int | None, extra: list[str], evaluate: bool = False) -> dict:
+    """(c)/(d) ``sftlab.train.train`` on a composed config, validation and export off."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from sftlab.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"paths.output_dir={tmp}", f"hydra.run.dir={tmp}", f"seed={args.seed}",
+            f"data.batch_size={args.batch_size}", f"model.max_length={args.max_length}",
+            "export=false", "logger=csv", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
+            "+trainer.num_sanity_val_steps=0",
+        ]
+        if steps:
+            overrides += [f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "test=false",
+                          "~callbacks.model_checkpoint"]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides + extra, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        t0 = time.perf_counter()
+        m = train(cfg)
+        wall = time.perf_counter() - t0
+        out = {"samples_per_s": m["train_samples_per_s"], "wall_s": m["train_time_s"],
+               "first_step_s": m.get("time_to_first_step_s"), "total_s": wall}
+        if evaluate:
+            out["test_acc"] = m.get("test/acc")
+        return out
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--accuracy", action="store_true", help="also full runs of (a) and (d)")
+    parser.add_argument("--arms", default="hf,plain,plain_sftlab,sftlab,fastest")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        defaults = compose("train", overrides=["paths.output_dir=/tmp"])
+    args.default_precision = str(defaults.trainer.precision)
+    arms = args.arms.split(",")
+    fns = {
+        "hf": lambda: run_hf(args, args.steps),
+        "plain": lambda: run_plain(args, args.steps),
+        "plain_sftlab": lambda: run_plain(args, args.steps, sftlab_batches=True),
+        "sftlab": lambda: run_sftlab(args, args.steps, []),
+        "fastest": lambda: run_sftlab(args, args.steps, FASTEST),
+    }
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    torch.set_num_threads(torch.get_num_threads())
+    for rep in range(args.repeats):
+        for arm in arms:
+            gc.collect()
+            r = fns[arm]()
+            r["rss_mb"] = rss_mb()
+            results[arm].append(r)
+            print(f"[rep {rep}] {arm:13s} {r['samples_per_s']:7.1f} samples/s  wall {r['wall_s']:6.1f} s",
+                  flush=True)
+    best = {a: max(rs, key=lambda r: r["samples_per_s"]) for a, rs in results.items()}
+
+    def ratio(x: str, y: str) -> float | None:
+        if x in best and y in best:
+            return round(best[x]["samples_per_s"] / best[y]["samples_per_s"], 3)
+        return None
+
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "default_precision": args.default_precision, "fastest": FASTEST,
+        "samples_per_s": {a: round(b["samples_per_s"], 2) for a, b in best.items()},
+        "sftlab_over_hf": ratio("sftlab", "hf"),
+        "fastest_over_hf": ratio("fastest", "hf"),
+        "sftlab_over_plain": ratio("sftlab", "plain"),
+        # same batches and precision: wall-time ratio sftlab / plain loop (<= 1.05 is the goal)
+        "sftlab_wall_over_plain_same_batches": (
+            round(best["sftlab"]["wall_s"] / best["plain_sftlab"]["wall_s"], 3)
+            if "sftlab" in best and "plain_sftlab" in best else None),
+        "time_to_first_step_s": {a: round(b["first_step_s"], 2) for a, b in best.items() if b.get("first_step_s")},
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
+    if args.accuracy:
+        print("accuracy runs: HF Trainer 3 epochs (fp32), sftlab fastest (its defaults + FASTEST) ...", flush=True)
+        a = run_hf(args, None, epochs=3, evaluate=True)
+        d = run_sftlab(args, None, FASTEST, evaluate=True)
+        summary["test_acc"] = {"hf": round(a["test_acc"], 4), "fastest": round(d["test_acc"], 4)}
+        summary["full_run_samples_per_s"] = {"hf": round(a["samples_per_s"], 2), "fastest": round(d["samples_per_s"], 2)}
+    print()
+    print("| arm | samples/s | ratio to HF |")
+    print("|---|---|---|")
+    for a, b in best.items():
+        r = b["samples_per_s"] / best["hf"]["samples_per_s"] if "hf" in best else float("nan")
+        print(f"| {a} | {b['samples_per_s']:.1f} | {r:.2f}x |")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

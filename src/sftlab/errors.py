@@ -1,0 +1,56 @@
+"""The one exception type whose message a user sees, and the friendly exit.
+
+Why: a fine-tuning run is expensive, and a typo discovered as a 40-line traceback after
+tokenizing is the most common way users lose time. Everything we can check up front raises
+:class:`SftlabError` with one sentence that names the problem and the fix; the entry points
+catch it, print that sentence, and exit non-zero without a traceback (unless
+``HYDRA_FULL_ERROR=1``, the switch Hydra users already know).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_CODE = 2
+
+F = TypeVar("F", bound=Callable)
+
+
+class SftlabError(Exception):
+    """An error caused by the user's input or configuration; its message is the whole story."""
+
+
+class ConfigError(SftlabError):
+    """A configuration value is invalid or does not fit the model or data."""
+
+
+class DataError(SftlabError):
+    """A data file is missing, malformed, or does not match the configuration."""
+
+
+class TrainingError(SftlabError):
+    """Training went wrong in a way the user can fix (a diverging loss, say)."""
+
+
+def friendly_errors(fn: F) -> F:
+    """Wrap an entry point so that an :class:`SftlabError` ends with one line and exit code 2.
+
+    Hydra wraps exceptions of the task function in its own message and a traceback; we
+    catch ours first, inside the task function, so the user sees only our sentence.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SftlabError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODE)
+
+    return wrapper  # type: ignore[return-value]

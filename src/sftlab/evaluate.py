@@ -1,0 +1,134 @@
+"""``evaluate(cfg)``: score a trained model on one split of any configured dataset.
+
+The model comes from an exported folder (``model_dir``, what users keep) or from a Lightning
+checkpoint of a run (``ckpt_path``; the run's own config rebuilds the module, strategy
+included, so a LoRA checkpoint loads too). Only the evaluated split is read and tokenized.
+Labels are mapped with the model's own ``id2label``, so a file with string labels is scored
+against the names the model was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sftlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_PREFIX = {"test": "test", "validation": "val"}
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An exported folder, or a run dir that contains ``model/``."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise ConfigError(
+        f"model_dir={str(p)!r} holds no exported model (no config.json); give a run dir with "
+        "model/ inside, or the model folder itself."
+    )
+
+
+def _trained_config(model_dir: Path | None, ckpt: Path | None) -> DictConfig | None:
+    candidates = []
+    if model_dir is not None:
+        candidates.append(model_dir / "sftlab_config.yaml")
+    if ckpt is not None:  # train.py writes the resolved config.yaml at the run dir's root
+        candidates += [ckpt.parent.parent / "config.yaml", ckpt.parent.parent / ".hydra" / "config.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return OmegaConf.load(c)
+    return None
+
+
+def load_module(cfg: DictConfig):
+    """(module, tokenizer, trained config) from model_dir or ckpt_path."""
+    import torch
+    from hydra.utils import instantiate
+    from transformers import AutoModelForSequenceClassification
+
+    from sftlab.model import TextClassifier, load_tokenizer
+
+    if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
+        raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
+    if cfg.get("model_dir"):
+        model_dir = resolve_model_dir(cfg.model_dir)
+        trained = _trained_config(model_dir, None)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        tokenizer = load_tokenizer(str(model_dir))
+        module = TextClassifier(str(model_dir), labels, model=model)
+        return module, tokenizer, trained
+    ckpt = Path(cfg.ckpt_path)
+    if not ckpt.is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt)!r} does not exist; point it at a run's checkpoints/*.ckpt.")
+    trained = _trained_config(None, ckpt)
+    if trained is None:
+        raise ConfigError(f"No run config next to {str(ckpt)!r} (expected <run dir>/config.yaml).")
+    mcfg = trained.model
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    tokenizer = load_tokenizer(**mcfg)
+    labels = state.get("hyper_parameters", {}).get("label_names") or _labels_from_state(state)
+    module = instantiate(mcfg, label_names=labels, strategy=instantiate(trained.strategy),
+                         pad_token_id=tokenizer.pad_token_id, _convert_="all")
+    module.load_state_dict(state["state_dict"])
+    return module, tokenizer, trained
+
+
+def _labels_from_state(state: dict[str, Any]) -> list[str]:
+    labels = state.get("sftlab", {}).get("label_names")
+    if not labels:
+        raise ConfigError("The checkpoint does not record its label names; evaluate its exported model_dir instead.")
+    return list(labels)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from sftlab.console import print_metrics_table
+    from sftlab.train import (
+        output_dir,
+        route_lightning_logs,
+        save_confusion,
+        scalar_metrics,
+        write_json,
+    )
+
+    route_lightning_logs()
+    split = cfg.get("split", "test")
+    if split not in _PREFIX:
+        raise ConfigError(f"split={split!r} is not one of test, validation.")
+    pl.seed_everything(cfg.seed, workers=True)
+    module, tokenizer, trained = load_module(cfg)
+    max_length = cfg.model.get("max_length") or (trained.model.max_length if trained is not None else None)
+    max_length = int(max_length or min(getattr(tokenizer, "model_max_length", 512), 512))
+    datamodule = instantiate(
+        cfg.data, tokenizer=tokenizer, splits=[split], max_length=max_length,
+        label_names=module.label_names,
+    )
+    trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
+    if split == "test":
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+    else:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = scalar_metrics(results[0])
+    if trainer.is_global_zero:
+        out = output_dir(cfg)
+        if split == "test" and module.test_confusion is not None:
+            save_confusion(module.test_confusion, module.label_names, out)
+        write_json(out / "metrics.json", metrics)
+        print_metrics_table(metrics, title=f"eval · {split}")
+    return metrics
+
+
+def main(cfg: DictConfig) -> float:
+    metrics = evaluate(cfg)
+    prefix = _PREFIX.get(cfg.get("split", "test"), "test")
+    return float(metrics.get(f"{prefix}/acc", float("nan")))

@@ -1,0 +1,338 @@
+"""The task room: a pretrained transformer + classification head + loss + metrics.
+
+``TextClassifier`` wraps ``AutoModelForSequenceClassification`` in a LightningModule. It owns
+what is specific to the *task* (cross-entropy with optional label smoothing, torchmetrics on
+val and test, the confusion matrix) and delegates what is specific to the *fine-tuning
+recipe* to two collaborators given by the config:
+
+- the strategy (``conf/strategy``) decides which parts train, at which LR, and when;
+- the optimizer and scheduler factories (``conf/optimizer``, ``conf/scheduler``) build the
+  optimizer over the strategy's parameter groups.
+
+So a new strategy is one class + one YAML, and never touches this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from sftlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Config attribute names that hold dropout probabilities, per kind, across architectures
+# (BERT/RoBERTa/DeBERTa/ELECTRA, DistilBERT, GPT-2, XLNet ...).
+_HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout", "resid_pdrop", "embd_pdrop", "summary_first_dropout")
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+# Batch keys that are ours, not the model's.
+_META_KEYS = ("labels", "idx", "length")
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    pad_token_from_eos: bool = False,
+    padding_side: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **_: Any,
+):
+    """The checkpoint's tokenizer, with a pad token for decoder models (GPT-2 has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(_load_error(name_or_path, err)) from None
+    if tok.pad_token is None:
+        if pad_token_from_eos or tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            raise ConfigError(
+                f"The tokenizer of {name_or_path!r} has no pad token and no EOS token to reuse; "
+                "pick another checkpoint or add a pad token to it."
+            )
+    if padding_side:
+        tok.padding_side = padding_side
+    return tok
+
+
+def _load_error(name_or_path: str, err: Exception) -> str:
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        return (
+            f"model.name_or_path={name_or_path!r} is not a model folder (no config.json/tokenizer "
+            "there); point it at a save_pretrained folder or a hub id."
+        )
+    hint = "(the hub is unreachable while HF_HUB_OFFLINE=1)" if offline else "(check the id and your network)"
+    return (
+        f"Cannot load {name_or_path!r} from the Hugging Face hub {hint}; use a local folder or "
+        "the embedded default model=minilm."
+    )
+
+
+def load_pretrained(
+    name_or_path: str,
+    *,
+    num_labels: int,
+    id2label: dict[int, str],
+    hidden_dropout: float | None = None,
+    attention_dropout: float | None = None,
+    pad_token_id: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """``AutoModelForSequenceClassification`` with the data's labels and dropout overrides."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+            num_labels=num_labels, id2label=dict(id2label),
+            label2id={v: k for k, v in id2label.items()},
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(_load_error(name_or_path, err)) from None
+    for value, keys in ((hidden_dropout, _HIDDEN_DROPOUT_KEYS), (attention_dropout, _ATTENTION_DROPOUT_KEYS)):
+        if value is not None:
+            for key in keys:
+                if hasattr(config, key):
+                    setattr(config, key, float(value))
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    # "Some weights ... newly initialized: classifier" is expected here: we add the head.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, revision=revision, trust_remote_code=trust_remote_code
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def metric_key(name: str) -> str:
+    """A label name usable inside a metric key (``Sci/Tech`` → ``Sci_Tech``)."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", str(name)).strip("_") or "label"
+
+
+class TextClassifier(pl.LightningModule):
+    """A sequence classifier trained with cross-entropy, evaluated with torchmetrics.
+
+    Metrics (``split/name``): ``acc``, ``f1_macro``, ``loss`` and per class
+    ``precision/<label>``, ``recall/<label>``, ``f1/<label>`` on validation and test. The
+    test confusion matrix is kept in ``self.test_confusion`` for the run to save.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        label_names: Sequence[str],
+        strategy: Any = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        max_length: int = 128,
+        hidden_dropout: float | None = None,
+        attention_dropout: float | None = None,
+        label_smoothing: float = 0.0,
+        pad_token_from_eos: bool = False,
+        padding_side: str | None = None,
+        pad_token_id: int | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        model: Any = None,
+    ) -> None:
+        super().__init__()
+        self.label_names = [str(n) for n in label_names]
+        self.num_labels = len(self.label_names)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = float(label_smoothing)
+        self.max_length = int(max_length)
+        if model is None:  # a ready model may be given (tests, eval of an exported folder)
+            model = load_pretrained(
+                name_or_path,
+                num_labels=self.num_labels,
+                id2label=dict(enumerate(self.label_names)),
+                hidden_dropout=hidden_dropout,
+                attention_dropout=attention_dropout,
+                pad_token_id=pad_token_id,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+            )
+        _check_max_length(model, self.max_length, name_or_path)
+        model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here
+        self.strategy = strategy
+        # The strategy freezes what starts frozen *now*, before any Trainer/DDP wrapping, so
+        # DDP registers the right parameters (see strategies.py for gradual unfreezing).
+        self.model = strategy.setup(model) if strategy is not None else model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self._build_metrics()
+        self.test_confusion: torch.Tensor | None = None
+        # (row index in the split's file, true label id, probabilities) per test example
+        self.test_predictions: list[tuple[int, int, list[float]]] = []
+
+    # ------------------------------------------------------------------------- metrics
+    def _build_metrics(self) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
+        k = self.num_labels
+
+        def collection(prefix: str) -> MetricCollection:
+            return MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(k, average="micro"),
+                    "f1_macro": MulticlassF1Score(k, average="macro"),
+                    "precision": MulticlassPrecision(k, average=None),
+                    "recall": MulticlassRecall(k, average=None),
+                    "f1": MulticlassF1Score(k, average=None),
+                },
+                prefix=prefix,
+            )
+
+        self.val_metrics = collection("val/")
+        self.test_metrics = collection("test/")
+        self.test_confmat = MulticlassConfusionMatrix(k)
+
+    def _flatten(self, computed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-class vectors become one scalar per label: ``val/f1/World``."""
+        out = {}
+        for key, value in computed.items():
+            if value.ndim == 0:
+                out[key] = value
+            else:
+                for name, v in zip(self.label_names, value, strict=True):
+                    out[f"{key}/{metric_key(name)}"] = v
+        return out
+
+    # ------------------------------------------------------------------------- steps
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in _META_KEYS}
+        return self.model(**inputs).logits
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self._loss(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        loss = self._loss(logits, batch["labels"])
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["labels"]))
+        self.val_metrics.update(logits.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._flatten(self.val_metrics.compute())
+        acc = metrics.pop("val/acc")
+        self.log_dict(metrics)
+        self.log("val/acc", acc, prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch)
+        loss = self._loss(logits, batch["labels"])
+        self.log("test/loss", loss, sync_dist=True, batch_size=len(batch["labels"]))
+        preds = logits.argmax(-1)
+        self.test_metrics.update(preds, batch["labels"])
+        self.test_confmat.update(preds, batch["labels"])
+        if "idx" in batch:
+            probs = logits.float().softmax(-1).cpu().tolist()
+            self.test_predictions.extend(
+                zip(batch["idx"].cpu().tolist(), batch["labels"].cpu().tolist(), probs, strict=True)
+            )
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._flatten(self.test_metrics.compute()))
+        self.test_confusion = self.test_confmat.compute().cpu()
+        self.test_metrics.reset()
+        self.test_confmat.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the label names, so a bare checkpoint can be evaluated without its data."""
+        checkpoint["sftlab"] = {"label_names": self.label_names}
+
+    # ------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> dict[str, Any]:
+        from sftlab.optim import build_param_groups, optimizer_lr
+
+        if self.optimizer_factory is None:
+            raise ConfigError("No optimizer configured; add optimizer=adamw.")
+        lr = optimizer_lr(self.optimizer_factory)
+        groups = self.strategy.param_groups(self.model, lr) if self.strategy is not None else [
+            {"name": "all", "params": list(self.model.named_parameters()), "lr": lr}
+        ]
+        optimizer = self.optimizer_factory(build_param_groups(self.model, groups, self.optimizer_factory))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ConfigError("Cannot size the LR schedule: set trainer.max_epochs or trainer.max_steps.")
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        from sftlab.console import print_parts_table
+
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        if self.strategy is not None and self.trainer.is_global_zero:
+            lr = optimizer_lr_or_none(self.optimizer_factory)
+            print_parts_table(self.strategy.describe(self.model, lr), title=f"strategy: {self.strategy.name}")
+        for logger in self.loggers:
+            logger.log_metrics(
+                {"trainable_params": trainable, "trainable_fraction": trainable / max(total, 1)}, step=0
+            )
+
+
+def optimizer_lr_or_none(factory: Callable | None) -> float | None:
+    from sftlab.optim import optimizer_lr
+
+    return optimizer_lr(factory) if factory is not None else None
+
+
+def _check_max_length(model, max_length: int, name: str) -> None:
+    """``max_length`` beyond the model's position table would index out of range mid-epoch."""
+    cfg = model.config
+    limit = None
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(cfg, key, None):
+            limit = int(getattr(cfg, key))
+            break
+    if limit is not None and cfg.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    if max_length <= 0:
+        raise ConfigError(f"model.max_length must be positive, got {max_length}.")
+    if limit is not None and max_length > limit and getattr(cfg, "position_embedding_type", "absolute") == "absolute":
+        raise ConfigError(
+            f"model.max_length={max_length} exceeds the {limit} positions of {name!r}; "
+            f"set model.max_length <= {limit}."
+        )

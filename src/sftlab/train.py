@@ -1,0 +1,293 @@
+"""``train(cfg)``: the seed's six steps, top to bottom.
+
+prepare data → load model → build task (strategy, optimizer) → train → evaluate → deploy.
+Every object comes from the composed config with ``hydra.utils.instantiate``; this module only
+wires them and writes the run's results into its own dir:
+
+    <run dir>/metrics.json            flat keys: val/acc, test/f1_macro, train_samples_per_s ...
+    <run dir>/checkpoints/            best + last (Lightning ModelCheckpoint)
+    <run dir>/model/                  save_pretrained folder of the best checkpoint
+    <run dir>/confusion_matrix.{csv,png}, test_predictions.csv
+    <run dir>/.hydra/                 the composed config and the overrides
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sftlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict group (callbacks, loggers); skip null/disabled ones."""
+    from hydra.utils import instantiate
+
+    out = []
+    for _, node in (group or {}).items():
+        if node is None or not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        node = OmegaConf.to_container(node, resolve=True)
+        if node.pop("enable", True) is False:
+            continue
+        out.append(instantiate(node))
+    return out
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's messages through the root logger only (Hydra's console + run log).
+
+    Lightning adds its own console handler when it is imported before logging is configured,
+    which prints every message twice under Hydra.
+    """
+    if logging.getLogger().hasHandlers():
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            lg.handlers.clear()
+            lg.propagate = True
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks before anything is loaded, so a typo costs seconds, not an epoch."""
+    lr = cfg.optimizer.get("lr")
+    if lr is None or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; try optimizer.lr=2e-5.")
+    for key in ("batch_size", "eval_batch_size"):
+        v = cfg.data.get(key)
+        if v is None or int(v) <= 0:
+            raise ConfigError(f"data.{key} must be a positive integer, got {v}.")
+    if int(cfg.model.get("max_length", 1)) <= 0:
+        raise ConfigError(f"model.max_length must be positive, got {cfg.model.max_length}.")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and finished children, e.g. data workers)."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(self_kb, child_kb) / 1024, 1)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader (a sweep report) never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def save_confusion(confusion, label_names: list[str], out: Path) -> None:
+    """The test confusion matrix as CSV (rows = true, cols = predicted) and as a PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mat = confusion.numpy().astype(int)
+    lines = ["true\\pred," + ",".join(label_names)]
+    lines += [f"{name}," + ",".join(map(str, row)) for name, row in zip(label_names, mat, strict=True)]
+    (out / "confusion_matrix.csv").write_text("\n".join(lines) + "\n")
+    k = len(label_names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.0 * k + 2))
+    ax.imshow(mat, cmap="Blues")
+    ax.set_xticks(range(k), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(mat[i, j]), ha="center", va="center",
+                    color="white" if mat[i, j] > mat.max() / 2 else "black")
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+
+def save_test_predictions(module, label_names: list[str], out: Path) -> None:
+    """Per-example test predictions in the file's row order (the loader sorts by length)."""
+    rows = sorted(module.test_predictions)
+    lines = ["idx,true_id,label_id,label," + ",".join(f"p_{n}" for n in label_names)]
+    for idx, true, probs in rows:
+        best = max(range(len(probs)), key=probs.__getitem__)
+        lines.append(f"{idx},{true},{best},{label_names[best]}," + ",".join(f"{p:.6f}" for p in probs))
+    (out / "test_predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, select the best checkpoint on validation, test it, export it; return metrics."""
+    check_config(cfg)
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from sftlab.callbacks import TrainThroughput
+    from sftlab.loggers import finish_wandb
+    from sftlab.model import load_tokenizer
+
+    route_lightning_logs()
+    out = output_dir(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # 1. prepare data (labels come from the data: the head's size and id2label)
+    tokenizer = load_tokenizer(**cfg.model)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    label_names = datamodule.label_names
+
+    # 2-3. load the pretrained model and build the task around it with the strategy
+    strategy = instantiate(cfg.strategy)
+    module = instantiate(
+        cfg.model,
+        label_names=label_names,
+        strategy=strategy,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    # 4. train
+    throughput = TrainThroughput()
+    callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [throughput]
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        # the datamodule's batch sampler shards itself over ranks (see data.py)
+        use_distributed_sampler=False,
+    )
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.is_global_zero:  # the resolved config, readable without Hydra (eval.py ckpt_path=)
+        OmegaConf.save(OmegaConf.create(hparams), out / "config.yaml")
+    try:
+        for lg in trainer.loggers:
+            lg.log_hyperparams(hparams)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # 5. evaluate the best checkpoint on validation and test
+        metrics = evaluate_best(cfg, trainer, module, datamodule)
+        metrics.update(run_stats(trainer, module, throughput, strategy))
+        # 6. deploy: results, confusion matrix, exported model
+        if trainer.is_global_zero:
+            save_results(cfg, out, module, label_names, metrics, trainer.loggers)
+            if cfg.get("export"):
+                from sftlab.export import export_model
+
+                export_model(
+                    strategy.export_model(module.model), tokenizer, out / "model",
+                    config=hparams, metrics=metrics, extra={"label_names": label_names},
+                )
+    except BaseException:
+        finish_wandb(trainer.loggers, failed=True)
+        raise
+    finish_wandb(trainer.loggers, failed=False)
+    return metrics
+
+
+def evaluate_best(cfg: DictConfig, trainer, module, datamodule) -> dict[str, Any]:
+    """Validation and test metrics of the best checkpoint (the last weights if none was kept)."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    metrics: dict[str, Any] = {"best_checkpoint": best}
+    metrics.update(scalar_metrics(
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
+    if cfg.get("test") and (datamodule.files.get("test") or datamodule.hub_name):
+        metrics.update(scalar_metrics(
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
+    return metrics
+
+
+def run_stats(trainer, module, throughput, strategy) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.model.parameters())
+    return {
+        "train_time_s": round(throughput.train_time_s, 3),
+        "train_samples_per_s": round(throughput.samples_per_s, 3),
+        "time_to_first_step_s": round(throughput.first_step_s or 0.0, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "strategy": strategy.name,
+        "status": "completed",
+    }
+
+
+def save_results(cfg, out: Path, module, label_names: list[str], metrics: dict[str, Any], loggers) -> None:
+    """metrics.json, the confusion matrix, per-example test predictions, and the summary table."""
+    from sftlab.console import print_metrics_table
+    from sftlab.loggers import log_confusion_to_wandb
+
+    if module.test_confusion is not None:
+        save_confusion(module.test_confusion, label_names, out)
+        save_test_predictions(module, label_names, out)
+        rows = sorted(module.test_predictions)
+        preds = [max(range(len(p)), key=p.__getitem__) for _, _, p in rows]
+        log_confusion_to_wandb(loggers, [t for _, t, _ in rows], preds, label_names)
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)
+                        and not k.startswith(("val/", "test/"))}, step=int(metrics.get("global_step", 0)))
+        lg.save()
+    write_json(out / "metrics.json", metrics)
+    print_metrics_table(metrics, title=f"{metrics.get('strategy', '')} · {out.name}")
+    log.info("Run dir: %s", out)
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def main(cfg: DictConfig) -> float:
+    """Hydra task function: returns val/acc, the value sweepers (optuna) maximise.
+
+    A failed run records ``status: failed`` and the error in its own metrics.json. In a
+    multirun, one failing job (a NaN at a silly LR, a bad combination) must not take the
+    sweep's other results with it: the failure is recorded for the sweep report, and the
+    sweep goes on.
+    """
+    try:
+        return float(train(cfg).get("val/acc", float("nan")))
+    except Exception as err:
+        try:
+            write_json(output_dir(cfg) / "metrics.json",
+                       {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        except Exception:  # noqa: BLE001  (never hide the original error)
+            pass
+        if not in_multirun():
+            raise
+        log.error("Job failed (%s: %s); recorded in metrics.json, the sweep goes on.", type(err).__name__, err)
+        return float("nan")

@@ -1,0 +1,121 @@
+"""The data room: reading, label mapping, validation carving, caching and batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_rows
+
+from sftlab.data import LengthGroupedBatchSampler, TextClassificationDataModule
+from sftlab.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_dm(tokenizer, tmp_path, **kw):
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    kw.setdefault("max_length", 32)
+    return TextClassificationDataModule(tokenizer, **kw)
+
+
+def test_ag_news_labels_and_batches(tokenizer, tiny_data, tmp_path):
+    dm = make_dm(tokenizer, tmp_path, train_file=str(tiny_data["train"]),
+                 validation_file=str(tiny_data["validation"]), test_file=str(tiny_data["test"]),
+                 label_names=["World", "Sports", "Business", "Sci/Tech"], batch_size=8)
+    assert dm.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    dm.setup()
+    assert {len(dm.datasets[s]) for s in ("train", "validation", "test")} == {48, 24}
+    batches = list(dm.train_dataloader())
+    seen = sorted(i for b in batches for i in b["idx"].tolist())
+    assert seen == list(range(48))  # every example once per epoch
+    b = batches[0]
+    # padded per batch to its longest member, never beyond max_length
+    assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) <= 32
+    assert set(b["labels"].tolist()) <= {0, 1, 2, 3}
+
+
+def test_string_labels_tsv_and_carved_validation(tokenizer, tmp_path):
+    rows = [{"sentence": f"text number {i} " + ("good" if i % 2 else "bad"),
+             "label": "pos" if i % 2 else "neg"} for i in range(40)]
+    train = write_rows(tmp_path / "train.tsv", rows, delimiter="\t")
+    dm = make_dm(tokenizer, tmp_path, train_file=str(train), text_field="sentence",
+                 val_fraction=0.25, seed=3)
+    assert dm.label_names == ["neg", "pos"]  # sorted, saved with the model as id2label
+    dm.setup()
+    assert len(dm.datasets["train"]) == 30 and len(dm.datasets["validation"]) == 10
+    val_labels = [int(x) for x in dm.datasets["validation"]["labels"]]
+    assert val_labels.count(0) == val_labels.count(1) == 5  # stratified
+    # carving is seeded: the same seed carves the same rows
+    dm2 = make_dm(tokenizer, tmp_path / "other", train_file=str(train), text_field="sentence",
+                  val_fraction=0.25, seed=3)
+    dm2.setup()
+    assert [int(i) for i in dm2.datasets["validation"]["idx"]] == [int(i) for i in dm.datasets["validation"]["idx"]]
+
+
+def test_second_identical_setup_hits_the_cache(tokenizer, tiny_data, tmp_path):
+    kw = dict(train_file=str(tiny_data["train"]), validation_file=str(tiny_data["validation"]))
+    first = make_dm(tokenizer, tmp_path, **kw)
+    first.setup()
+    assert first.cache_hit is False
+    second = make_dm(tokenizer, tmp_path, **kw)
+    second.setup()
+    assert second.cache_hit is True
+    assert second.datasets["train"][0]["input_ids"].tolist() == first.datasets["train"][0]["input_ids"].tolist()
+    # anything that changes the tokens changes the key
+    third = make_dm(tokenizer, tmp_path, max_length=16, **kw)
+    third.setup()
+    assert third.cache_hit is False
+
+
+def test_jsonl_and_parquet(tokenizer, tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(12)], "label": [i % 3 for i in range(12)]})
+    df.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    df.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.parquet"):
+        dm = make_dm(tokenizer, tmp_path / name, train_file=str(tmp_path / name), val_fraction=0.34)
+        assert dm.label_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "rows, kw, message",
+    [
+        ([{"text": "a", "label": 0}, {"text": "b", "label": 7}], {"label_names": ["x", "y"]}, "label 7"),
+        ([{"txt": "a", "label": 0}, {"txt": "b", "label": 1}], {}, "no column 'text'"),
+        ([{"text": "a", "label": 0}, {"text": " ", "label": 1}], {}, "1 empty or null texts"),
+    ],
+)
+def test_bad_data_is_one_sentence(tokenizer, tmp_path, rows, kw, message):
+    path = write_rows(tmp_path / "t.csv", rows)
+    with pytest.raises(DataError, match=message):
+        _ = make_dm(tokenizer, tmp_path, train_file=str(path), validation_file=str(path), **kw).label_names
+
+
+def test_sampler_groups_by_length_and_shards_ranks():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000)
+    grouped = LengthGroupedBatchSampler(lengths, 16, shuffle=True, group_by_length=True, seed=1)
+    plain = LengthGroupedBatchSampler(lengths, 16, shuffle=True, group_by_length=False, seed=1)
+
+    def padded(sampler):
+        return sum(len(b) * lengths[b].max() for b in sampler)
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    grouped.set_epoch(1)
+    assert list(grouped)[0] != list(LengthGroupedBatchSampler(lengths, 16, shuffle=True, seed=1))[0]
+    # two training ranks: equal step counts, together covering everything
+    ranks = [list(LengthGroupedBatchSampler(lengths, 16, shuffle=True, seed=1, num_replicas=2, rank=r))
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(LengthGroupedBatchSampler(lengths, 16, shuffle=True, num_replicas=2))
+    assert set().union(*[set(i for b in r for i in b) for r in ranks]) == set(range(1000))
+    # evaluation: no example counted twice across ranks
+    ev = [list(LengthGroupedBatchSampler(lengths, 64, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    flat = [i for r in ev for b in r for i in b]
+    assert sorted(flat) == list(range(1000))

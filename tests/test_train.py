@@ -1,0 +1,157 @@
+"""The spine: configs compose, a tiny run trains end to end, and its results are reproducible."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT
+
+GROUPS = ["model", "data", "strategy", "optimizer", "scheduler", "trainer", "logger",
+          "callbacks", "paths", "hydra", "debug", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_has_options(group):
+    assert options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ["model", "data", "strategy", "optimizer", "scheduler", "trainer", "logger",
+                      "callbacks", "debug", "experiment"] for o in options(g)],
+)
+def test_every_option_composes(compose, group, option):
+    cfg = compose(f"{group}={option}", tiny=False)
+    assert cfg.seed == 42
+    assert cfg.get(group) is not None or group in ("debug", "experiment")
+
+
+@pytest.mark.parametrize("group,option", [("optimizer", o) for o in options("optimizer")]
+                         + [("scheduler", o) for o in options("scheduler")]
+                         + [("logger", o) for o in options("logger") if o != "wandb"]
+                         + [("callbacks", o) for o in options("callbacks")]
+                         + [("trainer", o) for o in ("default", "cpu")])
+def test_objects_instantiate(compose, group, option):
+    import torch
+    from hydra.utils import instantiate
+
+    from sftlab.train import instantiate_group
+
+    cfg = compose(f"{group}={option}")
+    if group == "optimizer":
+        opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+        assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    elif group == "scheduler":
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        sched = instantiate(cfg.scheduler)(opt, num_training_steps=100)
+        assert sched.get_last_lr()[0] <= 1.0
+    elif group in ("logger", "callbacks"):
+        assert instantiate_group(cfg[group])
+    else:
+        assert instantiate(cfg.trainer, use_distributed_sampler=False).max_epochs == 1
+
+
+def test_cfg_job_prints_fast_without_torch():
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", "--cfg", "job", "strategy=partial"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "strategy:" in proc.stdout and "optimizer:" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "transformers" not in imported
+
+
+def test_help_lists_groups():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for group in ("model", "data", "strategy", "optimizer", "scheduler", "trainer"):
+        assert f"{group}:" in proc.stdout
+
+
+def run_train(compose, *overrides, out=None):
+    from sftlab.train import train
+
+    cfg = compose(*overrides, out=out)
+    metrics = train(cfg)
+    return cfg, metrics
+
+
+def test_end_to_end_train_test_export_and_eval(compose, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sftlab.evaluate import evaluate
+
+    cfg, metrics = run_train(compose, out=tmp_path / "run")
+    run = Path(cfg.paths.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/f1_macro", "test/acc", "test/f1_macro", "train_time_s",
+                "train_samples_per_s", "trainable_params", "total_params", "peak_rss_mb"):
+        assert key in saved, key
+    assert saved["train_samples_per_s"] > 0
+    assert saved["trainable_params"] == saved["total_params"]  # strategy=full
+    assert list(run.glob("checkpoints/*.ckpt")) and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "confusion_matrix.csv").is_file() and (run / "confusion_matrix.png").is_file()
+    confusion = (run / "confusion_matrix.csv").read_text().splitlines()
+    assert len(confusion) == 5 and sum(int(x) for line in confusion[1:] for x in line.split(",")[1:]) == 24
+
+    # the exported folder loads without sftlab and predicts what the test pass predicted
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    assert model.config.id2label[3] == "Sci/Tech"
+    import csv
+
+    with open(cfg.data.test_file, encoding="utf-8") as fh:
+        texts = [r["text"] for r in csv.DictReader(fh)]
+    with torch.inference_mode():
+        enc = tok(texts, truncation=True, max_length=cfg.model.max_length, padding=True, return_tensors="pt")
+        probs = model(**enc).logits.softmax(-1)
+    rows = [line.split(",") for line in (run / "test_predictions.csv").read_text().splitlines()[1:]]
+    assert [int(r[2]) for r in rows] == probs.argmax(-1).tolist()
+    expected = torch.tensor([[float(x) for x in r[4:]] for r in rows])
+    assert torch.allclose(expected, probs, atol=1e-4)
+
+    # eval.py on the exported model and on the best checkpoint reproduces the test metrics
+    for source in (f"model_dir={run}", f"ckpt_path={saved['best_checkpoint']}"):
+        ecfg = compose(source, config="eval", out=tmp_path / "eval")
+        em = evaluate(ecfg)
+        assert em["test/acc"] == pytest.approx(saved["test/acc"], abs=1e-6), source
+        assert em["test/f1_macro"] == pytest.approx(saved["test/f1_macro"], abs=1e-6), source
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == em["test/acc"]
+
+
+def test_same_seed_same_metrics(compose, tmp_path):
+    _, a = run_train(compose, "export=false", out=tmp_path / "a")
+    _, b = run_train(compose, "export=false", out=tmp_path / "b")
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "test/f1_macro"):
+        assert a[key] == b[key], key
+    _, c = run_train(compose, "export=false", "seed=7", out=tmp_path / "c")
+    assert c["val/loss"] != a["val/loss"]
+
+
+def test_local_tsv_with_string_labels(compose, tmp_path):
+    from conftest import write_rows
+
+    rows = [{"sentence": ("a fine good film " if i % 2 else "a dull bad film ") + str(i),
+             "label": "positive" if i % 2 else "negative"} for i in range(30)]
+    files = {s: write_rows(tmp_path / f"{s}.tsv", rows, delimiter="\t") for s in ("A", "B", "C")}
+    cfg, metrics = run_train(
+        compose, "data=local", f"data.train_file={files['A']}", f"data.validation_file={files['B']}",
+        f"data.test_file={files['C']}", "data.text_field=sentence", "data.label_field=label",
+        out=tmp_path / "run",
+    )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(cfg.paths.output_dir) / "model")
+    assert config.num_labels == 2 and config.id2label == {0: "negative", 1: "positive"}
+    assert 0.0 <= metrics["test/acc"] <= 1.0
