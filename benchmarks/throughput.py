@@ -66,6 +66,9 @@ def load_split(tok, split: str, max_length: int, limit: int | None = None):
 
 def model_and_tok():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
 
     from sftlab.resolvers import embedded_model_path
 
@@ -88,7 +91,7 @@ def run_hf(args, steps: int | None, epochs: float = 1.0, evaluate: bool = False)
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=args.batch_size, learning_rate=2e-5,
-            weight_decay=0.01, warmup_ratio=0.06, max_steps=steps or -1, num_train_epochs=epochs,
+            weight_decay=0.01, warmup_steps=0.06, max_steps=steps or -1, num_train_epochs=epochs,
             eval_strategy="no", save_strategy="no", report_to=[], logging_strategy="no",
             seed=args.seed, dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         )
@@ -129,7 +132,8 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     else:
         loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(args.seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    # fused AdamW, like the HF Trainer's default (adamw_torch_fused) and sftlab's
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
     sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
     model.train()
     done, samples = 0, 0
@@ -170,7 +174,7 @@ def run_sftlab(args, steps: int | None, extra: list[str], evaluate: bool = False
         ]
         if steps:
             overrides += [f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0", "test=false",
-                          "~callbacks.model_checkpoint"]
+                          "~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false"]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides + extra, return_hydra_config=True)

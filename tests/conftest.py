@@ -34,6 +34,35 @@ def write_rows(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
     return path
 
 
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+TINY_CONFIG = {"model": {"max_length": 32}}
+
+
+def build_tiny_export(out: Path, config: dict | None = TINY_CONFIG, metrics: dict | None = None) -> Path:
+    """A tiny random BERT exported with ``export_model``, as a trained run would leave it.
+
+    Weights are initialised wide (initializer_range=0.3) so that texts get different labels
+    with clear margins: label agreement between two code paths then means something.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sftlab.export import export_model
+    from sftlab.resolvers import embedded_model_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=128, initializer_range=0.3, num_labels=4,
+    )
+    model = BertForSequenceClassification(cfg)
+    return export_model(model, tok, out, config=config,
+                        metrics=metrics, extra={"label_names": LABELS})
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """48 / 24 / 24 rows of the shipped AG News sample (all four classes in each split)."""

@@ -22,19 +22,6 @@ log = logging.getLogger(__name__)
 _PREFIX = {"test": "test", "validation": "val"}
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An exported folder, or a run dir that contains ``model/``."""
-    p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if (p / "config.json").is_file():
-        return p
-    raise ConfigError(
-        f"model_dir={str(p)!r} holds no exported model (no config.json); give a run dir with "
-        "model/ inside, or the model folder itself."
-    )
-
-
 def _trained_config(model_dir: Path | None, ckpt: Path | None) -> DictConfig | None:
     candidates = []
     if model_dir is not None:
@@ -58,6 +45,8 @@ def load_module(cfg: DictConfig):
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
     if cfg.get("model_dir"):
+        from sftlab.export import resolve_model_dir
+
         model_dir = resolve_model_dir(cfg.model_dir)
         trained = _trained_config(model_dir, None)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)

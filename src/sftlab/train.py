@@ -216,11 +216,11 @@ def evaluate_best(cfg: DictConfig, trainer, module, datamodule) -> dict[str, Any
     """Validation and test metrics of the best checkpoint (the last weights if none was kept)."""
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     metrics: dict[str, Any] = {"best_checkpoint": best}
-    metrics.update(scalar_metrics(
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    metrics.update(scalar_metrics(results[0] if results else {}))  # [] when validation is off
     if cfg.get("test") and (datamodule.files.get("test") or datamodule.hub_name):
-        metrics.update(scalar_metrics(
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update(scalar_metrics(results[0] if results else {}))
     return metrics
 
 
