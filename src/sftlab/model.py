@@ -299,6 +299,25 @@ class TextClassifier(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer, num_training_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip here when no loss scaler is involved (fp32, bf16), so fused AdamW can be used.
+
+        Lightning's mixed-precision plugin refuses to clip for optimizers that unscale
+        gradients themselves (fused AdamW) because of fp16 loss scaling; bf16 has no scaler, so
+        the gradients are already true gradients and clipping them is exact. With an fp16
+        scaler we defer to Lightning (which then asks for a non-fused optimizer).
+        """
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_fit_start(self) -> None:
         from sftlab.console import print_parts_table
 
