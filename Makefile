@@ -1,8 +1,12 @@
 # sftlab: `make install` once, then `make train`, `make test`.
 PYTHON ?= python
 ARGS ?=
+# make report: the sweep dir to report on (default: the most recent multirun dir under outputs/)
+DIR ?= $(shell ls -td outputs/*/multirun/*/ 2>/dev/null | head -1)
+# make wandb-sweep: the W&B sweep file to register
+SWEEP ?= sweeps/lr_strategy.yaml
 
-.PHONY: install train test test-all lint format clean bench strategies report help
+.PHONY: install train test test-all lint format clean bench strategies report wandb-sweep help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +23,19 @@ test:  ## the fast test set (under ~10 minutes on 2 CPU cores)
 
 test-all:  ## every test, the slow ones too
 	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+bench:  ## training throughput: HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
+	$(PYTHON) benchmarks/throughput.py $(ARGS)
+
+strategies:  ## the strategy table: all 8 strategies, defaults, 3 epochs each (~40+ min on 2 CPUs; ARGS="--epochs 1")
+	$(PYTHON) benchmarks/strategies.py $(ARGS)
+
+report:  ## sweep report (table + charts) of DIR=outputs/<task>/multirun/<time> (default: the latest)
+	@test -n "$(DIR)" || { echo "no sweep dir: make report DIR=outputs/<task>/multirun/<time>"; exit 2; }
+	$(PYTHON) -m sftlab.report $(DIR)
+
+wandb-sweep:  ## register a W&B sweep (SWEEP=sweeps/lr_strategy.yaml); then run `wandb agent <id>`
+	wandb sweep $(SWEEP)
 
 lint:  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks *.py

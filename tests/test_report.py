@@ -49,3 +49,28 @@ def test_report_on_a_non_sweep_dir_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="No sweep jobs"):
         report(tmp_path)
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_best_job_optuna_result_and_no_grid_for_continuous_lrs(tmp_path):
+    """A Bayesian sweep: every job has its own LR, so no strategy × lr grid (one column per job
+    says nothing); the best job and the sweeper's own best trial are stated instead."""
+    sweep = tmp_path / "sweep"
+    lrs = [1.1e-5, 2.3e-5, 3.7e-5, 4.1e-5, 5.9e-5, 6.2e-5, 7.5e-5, 8.8e-5, 9.4e-5]
+    for i, lr in enumerate(lrs):
+        fake_job(sweep, i, "full" if i % 2 else "partial", lr,
+                 {"status": "completed", "val/acc": 0.5 + (0.3 if i == 4 else 0.01 * i), "test/acc": 0.6})
+    (sweep / "optimization_results.yaml").write_text(yaml.safe_dump(
+        {"name": "optuna", "best_params": {"optimizer.lr": 5.9e-5, "strategy": "partial"}, "best_value": 0.8}))
+    md = (report(sweep) / "results.md").read_text()
+    assert "Best val/acc: job 4 (partial, lr 5.9e-05): val/acc 0.8000, test/acc 0.6000." in md
+    assert "strategy × lr" not in md
+    assert "`optimizer.lr=5.9e-05 strategy=partial` → 0.8000" in md
+
+
+def test_grid_cells_show_each_jobs_status(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, 0, "full", 1e-5, {"status": "completed", "val/acc": 0.8})
+    fake_job(sweep, 1, "full", 5e-5, {"status": "interrupted", "global_step": 7})
+    md = (report(sweep) / "results.md").read_text()
+    assert "| full | 0.8000 | interrupted |" in md
+    assert "Best val/acc: job 0 (full, lr 1e-05)" in md

@@ -5,14 +5,28 @@
 loop *without* validation, which is what the HF Trainer's ``train_samples_per_second`` means
 when evaluation is off, so the two compare directly. Lightning's ``ThroughputMonitor`` needs
 per-device FLOP counts and reports per batch; we need one honest number per run.
+
+``RNGState`` and ``CrashSafeCheckpoint`` make a run survive being killed: the first puts the
+random generators into every checkpoint (Lightning does not), the second writes ``last.ckpt``
+every ``checkpoint.every_n_steps`` optimizer steps and when SIGTERM/SIGINT arrive, then stops.
+With the resumable train loader (``sftlab.data.ResumableDataLoader``) a run killed mid-epoch
+and resumed ends with the same weights as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
+from sftlab.runs import RunInterrupted
+
+log = logging.getLogger(__name__)
 
 
 class TrainThroughput(pl.Callback):
@@ -28,6 +42,10 @@ class TrainThroughput(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+        self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
@@ -101,3 +119,189 @@ class FiniteLossGuard(pl.Callback):
         if getattr(pl_module, "_skip_step", False):
             optimizer.zero_grad(set_to_none=True)
             pl_module._skip_step = False
+
+    def state_dict(self) -> dict[str, Any]:
+        # a resumed run keeps counting: max_bad_steps is per run, not per process
+        return {"bad_steps": self.bad_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.bad_steps = int(state_dict.get("bad_steps", 0))
+
+
+class RNGState(pl.Callback):
+    """Save the random generators in every checkpoint; restore them when training resumes.
+
+    Restored in ``on_train_start``, not when the checkpoint is read: between the two, Lightning
+    builds the model and may run the sanity check, and only the state at the first training
+    step matters. Everything that draws from the global generators between a save and the next
+    training step must then also happen after ``on_train_start`` on resume; our loaders draw
+    their worker seeds from their own generator (``sftlab.data``) for that reason.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        from sftlab.checkpointing import rng_state
+
+        return rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict or None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:
+            from sftlab.checkpointing import set_rng_state
+
+            set_rng_state(self._pending)
+            self._pending = None
+
+
+def _validation_due(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates after this training batch (or, conservatively, may)."""
+    done = batch_idx + 1
+    if done >= trainer.num_training_batches:
+        return True  # the epoch's last batch: its validation, if any, runs next
+    every = getattr(trainer, "val_check_batch", None)
+    return bool(trainer.enable_validation and isinstance(every, int) and every > 0 and done % every == 0)
+
+
+class CrashSafeCheckpoint(pl.Callback):
+    """``last.ckpt`` every ``every_n_steps`` optimizer steps, and on SIGTERM/SIGINT before exiting.
+
+    Why not a second ``ModelCheckpoint(every_n_train_steps=N)``: Lightning refuses any
+    ``ModelCheckpoint`` when ``enable_checkpointing=false`` (benchmarks run that way), and it
+    cannot stop on a signal. Why not Lightning's own SIGTERM handling: it raises wherever the
+    loop notices the signal, mid-validation included, saves nothing, and ignores SIGINT.
+
+    Here a signal only sets a flag; the next training batch that completes an optimizer step
+    saves ``last.ckpt`` (through the trainer, so atomically and with every callback's state)
+    and raises :class:`RunInterrupted`. That is the point where a checkpoint is exactly
+    resumable: after the step, before the next batch (mid gradient accumulation the summed
+    gradients would be lost). Except when a validation is due after that batch (the epoch's
+    last batch, by default): Lightning resumes a checkpoint taken there *past* that
+    validation, so the resumed run would miss it and could select another best checkpoint.
+    Such saves and stops wait for the validation, and happen at the end of the epoch or at the
+    next batch. Under DDP the flag is OR-ed over ranks every batch so all ranks stop at the
+    same step; a second Ctrl+C aborts at once without saving. The checkpoint goes into the
+    ``ModelCheckpoint`` callback's folder; with checkpointing off nothing is saved.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, on_signal: bool = True) -> None:
+        from sftlab.errors import ConfigError
+
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or int(every_n_steps) < 0):
+            raise ConfigError(
+                f"checkpoint.every_n_steps must be a positive integer or null, got {every_n_steps!r}."
+            )
+        self.every_n_steps = int(every_n_steps) if every_n_steps else None
+        self.on_signal = bool(on_signal)
+        self.requested_signal: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._last_step = -1
+        self._saved_step = -1
+        self._save_pending = False
+
+    # ------------------------------------------------------------------ signals
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested_signal is not None and signum == signal.SIGINT:
+            self._restore_handlers()
+            raise KeyboardInterrupt  # the second Ctrl+C: stop now, do not wait for the step
+        self.requested_signal = signum
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ------------------------------------------------------------------ hooks
+    @staticmethod
+    def last_path(trainer: pl.Trainer) -> Path | None:
+        """``<ModelCheckpoint dirpath>/last.ckpt``, or None when checkpointing is off."""
+        cb = trainer.checkpoint_callback
+        if cb is None or not getattr(cb, "dirpath", None):
+            return None
+        return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registered its own SIGTERM handler just before this hook; ours replaces it
+        # for the training loop, and Lightning's teardown restores the original handlers.
+        self._last_step = self._saved_step = trainer.global_step
+        if self.on_signal:
+            self._install_handlers()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        stop = self.requested_signal is not None
+        if trainer.world_size > 1:  # every rank, every batch: the collectives must match
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        step = trainer.global_step
+        stepped, self._last_step = step != self._last_step, step
+        if not stepped:
+            return
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0 and step != self._saved_step
+        if _validation_due(trainer, batch_idx):
+            self._save_pending = self._save_pending or due
+            return  # stop / save after the validation (on_train_epoch_end or the next batch)
+        if stop:
+            self._stop(trainer)
+        if due or self._save_pending:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stop = self.requested_signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not (stop or self._save_pending):
+            return
+        # Lightning calls the checkpoint callbacks' on_train_epoch_end after ours, and they take
+        # the epoch's best/last checkpoints there; let them do it first (their own later call
+        # sees the step saved and skips), so what we save and resume from includes them.
+        for cb in trainer.checkpoint_callbacks:
+            cb.on_train_epoch_end(trainer, pl_module)
+        if stop:
+            self._stop(trainer)
+        self._save(trainer)
+
+    def stop_if_requested(self, trainer: pl.Trainer) -> None:
+        """After ``fit``: a signal that came when no training step was left still stops the run."""
+        stop = self.requested_signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        signum = self.requested_signal or signal.SIGTERM
+        path = self._save(trainer)
+        log.warning(
+            "Received %s: saved %s at step %d and stopped.",
+            signal.Signals(signum).name, path or "no checkpoint (checkpointing is off)", trainer.global_step,
+        )
+        raise RunInterrupted(signum, trainer.global_step, str(path) if path else None)
+
+    def _save(self, trainer: pl.Trainer) -> Path | None:
+        self._save_pending = False
+        path = self.last_path(trainer)
+        if path is not None:
+            # ModelCheckpoint writes last.ckpt too; told it is its own file, it overwrites it
+            # later instead of starting a last-v1.ckpt (which a resume would not pick up)
+            for cb in trainer.checkpoint_callbacks:
+                if getattr(cb, "save_last", None) and Path(getattr(cb, "dirpath", "") or "") == path.parent:
+                    cb.last_model_path = str(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full training state
+            self._saved_step = trainer.global_step
+        return path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()

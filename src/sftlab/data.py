@@ -28,6 +28,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sftlab.errors import ConfigError, DataError
@@ -151,10 +152,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        # batches of this epoch to pass over on the next __iter__ (a resumed run, see below)
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch start, so each epoch gets a new permutation."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> LengthGroupedBatchSampler:
+        """Ourselves, so that Lightning's ``set_epoch`` reaches us.
+
+        Lightning calls ``set_epoch`` on ``loader.sampler`` and on ``loader.batch_sampler.sampler``
+        (torch's ``BatchSampler`` layout), never on the batch sampler itself; without this every
+        epoch would repeat the first epoch's batches.
+        """
+        return self
 
     def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -184,7 +197,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
                 batches = batches + batches[: total - len(batches)]
             batches = batches[self.rank :: self.num_replicas]
-        return iter(batches)
+        skip, self.skip = self.skip, 0  # one resumed epoch only
+        return iter(batches[skip:])
 
     def __len__(self) -> int:
         n = len(self.lengths)
@@ -194,6 +208,63 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 return math.ceil(full / self.num_replicas)
             return len(range(self.rank, full, self.num_replicas))
         return full
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can stop mid-epoch and resume at the next unseen batch.
+
+    Lightning treats a loader with ``state_dict``/``load_state_dict`` as resumable: it stores
+    ``state_dict()`` in every checkpoint and, on resume, calls ``load_state_dict()`` before it
+    creates the epoch's iterator; it does not skip anything itself. The state is the epoch and
+    the number of batches this loader has handed out, counted at the iterator (not at the
+    sampler, which worker processes read ahead of training). On resume the batch sampler, whose
+    order depends only on ``seed + epoch``, rebuilds that epoch's order and starts after the
+    batches already trained on, without loading them. A state taken at the end of an epoch
+    resumes nothing: the next epoch starts from its first batch.
+    """
+
+    _yielded = 0
+    _epoch: int | None = None  # the epoch of the current iterator (set_epoch may run ahead)
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        self._epoch = getattr(sampler, "epoch", 0)
+        self._yielded = getattr(sampler, "skip", 0)
+        return _CountingIterator(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, int]:
+        epoch = self._epoch if self._epoch is not None else getattr(self.batch_sampler, "epoch", 0)
+        return {"epoch": int(epoch), "batches": int(self._yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        sampler = self.batch_sampler
+        if not hasattr(sampler, "skip"):
+            return
+        epoch, done = int(state_dict.get("epoch", 0)), int(state_dict.get("batches", 0))
+        if done >= len(sampler):  # that epoch was finished: the next one starts from its top
+            epoch, done = epoch + 1, 0
+        # set here and not only by Lightning's set_epoch: Lightning may build the resumed
+        # epoch's iterator before it calls set_epoch
+        sampler.set_epoch(epoch)
+        sampler.skip = done
+
+
+class _CountingIterator:
+    """Counts the batches a DataLoader iterator has returned (see ``ResumableDataLoader``)."""
+
+    def __init__(self, it, owner: ResumableDataLoader) -> None:
+        self._it, self._owner = it, owner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._owner._yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._it)
 
 
 # -------------------------------------------------------------------------------- datamodule
@@ -260,6 +331,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
             )
         self._raw: dict[str, Any] | None = None
         self._label_names: list[str] | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None
         self.datasets: dict[str, Any] = {}
         self.lengths: dict[str, np.ndarray] = {}
         self.cache_hit: bool | None = None
@@ -561,17 +634,37 @@ class TextClassificationDataModule(pl.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableDataLoader(
             ds,
             batch_sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=_on_gpu(self),
+            # the loader's own generator for worker seeds: a plain DataLoader draws them from
+            # the global generator at every epoch start, which would shift dropout's random
+            # stream differently in a resumed run than in an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    # The train loader's position also travels through the datamodule's own state: Lightning
+    # restores a datamodule before anything builds a loader, but it hands a stateful loader its
+    # checkpointed state only if the loader did not exist yet when the fit loop starts, and
+    # ``trainer.estimated_stepping_batches`` (the LR schedule's length) builds it earlier
+    # (Lightning issue #20550). Applying the same state twice is harmless.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", train=False)

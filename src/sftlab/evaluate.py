@@ -37,10 +37,10 @@ def _trained_config(model_dir: Path | None, ckpt: Path | None) -> DictConfig | N
 def load_module(cfg: DictConfig):
     """(module, tokenizer, trained config) from model_dir or ckpt_path."""
     import torch
-    from hydra.utils import instantiate
     from transformers import AutoModelForSequenceClassification
 
     from sftlab.model import TextClassifier, load_tokenizer
+    from sftlab.train import instantiate
 
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
@@ -79,10 +79,10 @@ def _labels_from_state(state: dict[str, Any]) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
-    from hydra.utils import instantiate
 
     from sftlab.console import print_metrics_table
     from sftlab.train import (
+        instantiate,
         output_dir,
         route_lightning_logs,
         save_confusion,

@@ -4,6 +4,12 @@ Why a factory rather than ``_target_: WandbLogger`` directly: the same command m
 laptop with credentials (online), on a cluster node without them, and in CI (offline, files
 inside the run dir, synced later with ``wandb sync``). ``offline: auto`` decides from the
 environment; secrets stay in the environment/netrc and never enter the config.
+
+Grouping: every job of a Hydra multirun lands in one W&B group, so the dashboard shows a sweep
+as one expandable row. ``hparams_search`` presets set ``sweep_group`` (-> ``logger.wandb.group``);
+a plain ``python train.py -m ...`` leaves it null, and then the group is named the way the presets
+name theirs, ``<task>-<sweep dir name>`` (e.g. ``train-2026-01-31_12-00-00_1a2b3c4d``), so the
+W&B group and the folder on disk share one name. A single run has no group.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def wandb_logger(
 
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     is_offline = resolve_offline(offline)
+    if not group:
+        group = multirun_group(job_type)
     return WandbLogger(
         save_dir=save_dir, project=project, entity=entity, group=group, job_type=job_type,
         tags=list(tags or []), name=name, offline=is_offline, id=id,
@@ -64,6 +72,24 @@ def wandb_logger(
         log_model=False if is_offline else log_model,
         **kwargs,
     )
+
+
+def multirun_group(task_name: str) -> str | None:
+    """``<task>-<sweep dir name>`` inside a Hydra multirun job, else None (a single run).
+
+    The sweep dir is resolved once per sweep (Hydra copies the master config's resolver cache,
+    ``${now:}`` included, into every job), so all jobs of one sweep get the same name, and two
+    sweeps never share one (the dir name ends in the launching process's unique id).
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        return f"{task_name}-{Path(str(HydraConfig.get().sweep.dir)).name}"
+    except Exception:  # noqa: BLE001  (no usable Hydra context: no group, as in a plain run)
+        return None
 
 
 def finish_wandb(loggers: list[Any], failed: bool) -> None:

@@ -71,7 +71,10 @@ def _load_error(name_or_path: str, err: Exception) -> str:
     import os
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
+    name = str(name_or_path)
+    # a hub id is "name" or "org/name"; anything else that names a place is a local path
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name) \
+            or (os.path.sep != "/" and os.path.sep in name):
         return (
             f"model.name_or_path={name_or_path!r} is not a model folder (no config.json/tokenizer "
             "there); point it at a save_pretrained folder or a hub id."
@@ -233,7 +236,7 @@ class TextClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------------- metrics
     def _build_metrics(self) -> None:
-        from torchmetrics import MetricCollection
+        from torchmetrics import MeanMetric, MetricCollection
         from torchmetrics.classification import (
             MulticlassAccuracy,
             MulticlassConfusionMatrix,
@@ -259,6 +262,11 @@ class TextClassifier(pl.LightningModule):
         self.val_metrics = collection("val/")
         self.test_metrics = collection("test/")
         self.test_confmat = MulticlassConfusionMatrix(k)
+        # Loss means weighted by examples, summed over DDP ranks before dividing: equal to one
+        # process's mean over the split. (``self.log(sync_dist=True)`` averages the ranks'
+        # means, which is off when the ranks hold different numbers of examples.)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     def _flatten(self, computed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-class vectors become one scalar per label: ``val/f1/World``."""
@@ -288,20 +296,24 @@ class TextClassifier(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)
         loss = self._loss(logits, batch["labels"])
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["labels"]))
+        self.val_loss.update(loss.detach(), weight=len(batch["labels"]))
         self.val_metrics.update(logits.argmax(-1), batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
+        # torchmetrics' compute() already reduced over DDP ranks, so every rank holds the same
+        # values; sync_dist=True averages identical numbers (exact) and tells Lightning so
         metrics = self._flatten(self.val_metrics.compute())
         acc = metrics.pop("val/acc")
-        self.log_dict(metrics)
-        self.log("val/acc", acc, prog_bar=True)
+        self.log_dict(metrics, sync_dist=True)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.val_metrics.reset()
+        self.val_loss.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch)
         loss = self._loss(logits, batch["labels"])
-        self.log("test/loss", loss, sync_dist=True, batch_size=len(batch["labels"]))
+        self.test_loss.update(loss.detach(), weight=len(batch["labels"]))
         preds = logits.argmax(-1)
         self.test_metrics.update(preds, batch["labels"])
         self.test_confmat.update(preds, batch["labels"])
@@ -315,10 +327,14 @@ class TextClassifier(pl.LightningModule):
         self.test_predictions = []
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._flatten(self.test_metrics.compute()))
+        self.log_dict(self._flatten(self.test_metrics.compute()), sync_dist=True)
+        self.log("test/loss", self.test_loss.compute(), sync_dist=True)
         self.test_confusion = self.test_confmat.compute().cpu()
+        # each DDP rank scored its own batches; every rank gets all rows (rank 0 saves them)
+        self.test_predictions = _gather_lists(self.test_predictions)
         self.test_metrics.reset()
         self.test_confmat.reset()
+        self.test_loss.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the label names, so a bare checkpoint can be evaluated without its data."""
@@ -374,6 +390,17 @@ class TextClassifier(pl.LightningModule):
             logger.log_metrics(
                 {"trainable_params": trainable, "trainable_fraction": trainable / max(total, 1)}, step=0
             )
+
+
+def _gather_lists(items: list) -> list:
+    """Concatenate a picklable list over DDP ranks (the list itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in (part or [])]
 
 
 def optimizer_lr_or_none(factory: Callable | None) -> float | None:

@@ -8,7 +8,9 @@ and writes into ``<sweep>/report/``:
 
 - ``results.csv``  one row per job: strategy, lr, overrides, val/test acc and F1, trainable
   params, train time, peak memory, status (failed jobs included, with their error);
-- ``results.md``   the same as a Markdown table, plus a strategy × lr grid of val accuracy;
+- ``results.md``   the best job, the same table in Markdown, a strategy × lr grid of val
+  accuracy (for grid sweeps; an optuna sweep's continuous LRs would make one column per job),
+  and the optuna sweeper's best trial when the sweep has ``optimization_results.yaml``;
 - ``val_acc_vs_lr.png``  val accuracy against LR (log x), one line per strategy;
 - ``params_vs_acc.png``  trainable parameters (log x) against val accuracy.
 """
@@ -68,9 +70,15 @@ def read_job(job: Path, sweep_dir: Path) -> dict[str, Any]:
     return row
 
 
-def _fmt(v: Any) -> str:
+#: columns shown with one decimal (seconds, throughput, MB): 4 would be noise
+_ONE_DECIMAL = ("train_time_s", "train_samples_per_s", "peak_rss_mb")
+
+
+def _fmt(v: Any, col: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
+    if isinstance(v, float) and col in _ONE_DECIMAL:
+        return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.4f}"
     if isinstance(v, int):
@@ -78,32 +86,65 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
+#: more distinct LRs than this and the strategy × lr grid is skipped (a Bayesian sweep)
+MAX_GRID_LRS = 8
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The completed job with the highest val/acc (what a sweeper maximises), ties: first job."""
+    done = [r for r in rows if r["status"] == "completed" and _finite(r.get("val/acc"))]
+    return max(done, key=lambda r: float(r["val/acc"])) if done else None
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, sweep_dir: Path | None = None) -> None:
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     shown = [c for c in COLUMNS if c not in ("overrides", "error")]
     lines = ["# Sweep report", "", f"{len(rows)} jobs, {sum(r['status'] == 'completed' for r in rows)} completed.", ""]
+    best = best_row(rows)
+    if best is not None:
+        lines += [f"Best val/acc: job {best['job']} ({best['strategy']}, lr {_fmt(_num(best['lr']))}): "
+                  f"val/acc {_fmt(best['val/acc'])}, test/acc {_fmt(best.get('test/acc'))}.", ""]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[c], c) for c in shown) + " |" for r in rows]
     strategies = sorted({r["strategy"] for r in rows})
-    lrs = sorted({float(r["lr"]) for r in rows if r["lr"] is not None})
-    if strategies and lrs:
+    lrs = sorted({float(r["lr"]) for r in rows if _finite(r["lr"])})
+    if strategies and lrs and len(lrs) <= MAX_GRID_LRS:
         lines += ["", "## val/acc: strategy × lr", "",
                   "| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|" + "---|" * len(lrs)]
         for s in strategies:
             cells = []
             for lr in lrs:
-                hit = [r for r in rows if r["strategy"] == s and r["lr"] is not None and float(r["lr"]) == lr]
+                hit = [r for r in rows if r["strategy"] == s and _finite(r["lr"]) and float(r["lr"]) == lr]
                 cells.append(_fmt(hit[0]["val/acc"]) if hit and hit[0]["status"] == "completed"
-                             else ("failed" if hit else ""))
+                             else (str(hit[0]["status"]) if hit else ""))
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    optuna = _load_yaml(sweep_dir / "optimization_results.yaml") if sweep_dir is not None else None
+    if optuna and "best_params" in optuna:
+        params = " ".join(f"{k}={v}" for k, v in optuna["best_params"].items())
+        lines += ["", "## Optuna", "", f"Best trial ({optuna.get('name', 'optuna')} sweeper, "
+                  f"optimization_results.yaml): `{params}` → {_fmt(_num(optuna.get('best_value')))}"]
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         lines += ["", "## Failed jobs", ""] + [f"- job {r['job']} ({r['overrides']}): {r['error']}" for r in failed]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _num(v: Any) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
 
 
 def write_charts(rows: list[dict[str, Any]], out: Path) -> None:
@@ -123,28 +164,48 @@ def write_charts(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("val accuracy")
     ax.set_title("val accuracy vs learning rate")
     ax.grid(True, alpha=0.3)
-    if done:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "val_acc_vs_lr.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled: list[tuple[float, float, str]] = []
     for s in sorted({r["strategy"] for r in done}):
-        pts = [(float(r["trainable_params"]), float(r["val/acc"])) for r in done
+        pts = [(float(r["trainable_params"]), float(r["val/acc"]), r["lr"]) for r in done
                if r["strategy"] == s and r.get("trainable_params")]
         if pts:
-            ax.scatter(*zip(*pts, strict=True), label=s)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=s)
+            # which LR each point is (strategies that train the same parameters share an x);
+            # one label for points that coincide, e.g. full and discriminative at one LR
+            for x, y, lr in pts:
+                if not _finite(lr):
+                    continue
+                text = _short_lr(float(lr))
+                if any(t == text and abs(math.log10(x / lx)) < 0.05 and abs(y - ly) < 0.02
+                       for lx, ly, t in labelled):
+                    continue
+                labelled.append((x, y, text))
+                ax.annotate(text, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("val accuracy")
-    ax.set_title("trainable parameters vs accuracy")
+    ax.set_title("trainable parameters vs accuracy (labels: lr)")
     ax.grid(True, alpha=0.3)
-    if done:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "params_vs_acc.png", dpi=100)
     plt.close(fig)
+
+
+def _short_lr(lr: float) -> str:
+    """1e-04 -> "1e-4", 2.5e-05 -> "2.5e-5", 0.003 -> "0.003": chart labels, not table cells."""
+    if lr >= 1e-3:
+        return f"{lr:.2g}"
+    mant, exp = f"{lr:.1e}".split("e")
+    return f"{mant.removesuffix('.0')}e{int(exp)}"
 
 
 def report(sweep_dir: str | Path) -> Path:
@@ -160,7 +221,7 @@ def report(sweep_dir: str | Path) -> Path:
     rows = [read_job(j, sweep) for j in jobs]
     out = sweep / "report"
     out.mkdir(exist_ok=True)
-    write_tables(rows, out)
+    write_tables(rows, out, sweep)
     write_charts(rows, out)
     return out
 

@@ -4,11 +4,18 @@ prepare data → load model → build task (strategy, optimizer) → train → e
 Every object comes from the composed config with ``hydra.utils.instantiate``; this module only
 wires them and writes the run's results into its own dir:
 
+    <run dir>/config.yaml             the resolved config, secrets removed (resume= reads it)
     <run dir>/metrics.json            flat keys: val/acc, test/f1_macro, train_samples_per_s ...
-    <run dir>/checkpoints/            best + last (Lightning ModelCheckpoint)
+                                      or status: failed / interrupted and why
+    <run dir>/checkpoints/            best + last.ckpt (every epoch, every checkpoint.every_n_steps
+                                      steps, and on SIGTERM/SIGINT; written atomically)
     <run dir>/model/                  save_pretrained folder of the best checkpoint
     <run dir>/confusion_matrix.{csv,png}, test_predictions.csv
     <run dir>/.hydra/                 the composed config and the overrides
+
+``python train.py resume=<run dir>`` continues a stopped or killed run in place (see
+``sftlab.runs``); with the same seed it ends with the same weights and metrics as a run that
+was never stopped, because checkpoints carry the RNG states and the loader's position.
 """
 
 from __future__ import annotations
@@ -27,11 +34,37 @@ from sftlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# The dir this process's run owns, once known: main() records a failure only there (a run
+# refused because its dir holds another run must not write into that run).
+_RUN_DIR: Path | None = None
+
+
+def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own errors through as themselves.
+
+    Hydra wraps whatever a constructor raises in an ``InstantiationException`` that repeats the
+    target and the config key around it; a ``ConfigError`` from ``TextClassifier`` (max_length
+    beyond the model's positions) or a strategy (trainable_layers too large) would then print
+    as a multi-line Hydra error instead of our one sentence.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from sftlab.errors import SftlabError
+
+    try:
+        return hydra_instantiate(config, *args, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err.__cause__
+        while cause is not None and not isinstance(cause, SftlabError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a dict group (callbacks, loggers); skip null/disabled ones."""
-    from hydra.utils import instantiate
-
     out = []
     for _, node in (group or {}).items():
         if node is None or not isinstance(node, DictConfig) or "_target_" not in node:
@@ -144,18 +177,66 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def prepare_run(cfg: DictConfig) -> DictConfig:
+    """Own the run dir before any work: a fresh one, or the run that ``resume=`` continues.
+
+    Returns the config to run (a resumed run's own). Only rank 0 claims; DDP's other ranks
+    are started later into the dir rank 0 already owns.
+    """
+    global _RUN_DIR
+    from sftlab.runs import adopt_run_dir, claim_run_dir, is_rank_zero, resume_config
+
+    fresh = Path(cfg.paths.output_dir)
+    if not is_rank_zero():
+        # DDP's other ranks run this script again inside rank 0's run dir: they write nothing
+        # there, their log included (it goes to the console, next to rank 0's)
+        for handler in list(logging.getLogger().handlers):
+            if isinstance(handler, logging.FileHandler):
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+    elif not cfg.get("resume"):
+        claim_run_dir(fresh)
+    _RUN_DIR = fresh
+    if cfg.get("resume"):
+        cfg = resume_config(cfg)
+        run = Path(cfg.paths.output_dir)
+        adopt_run_dir(run, fresh)
+        _RUN_DIR = run
+    return cfg
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, select the best checkpoint on validation, test it, export it; return metrics."""
+    cfg = prepare_run(cfg)
     check_config(cfg)
     import lightning.pytorch as pl
-    from hydra.utils import instantiate
 
-    from sftlab.callbacks import TrainThroughput
+    from sftlab.callbacks import CrashSafeCheckpoint, FiniteLossGuard, RNGState, TrainThroughput
+    from sftlab.checkpointing import AtomicCheckpointIO, remove_partial_checkpoints
     from sftlab.loggers import finish_wandb
     from sftlab.model import load_tokenizer
+    from sftlab.runs import (
+        is_rank_zero,
+        mask_files,
+        new_wandb_id,
+        public_config,
+        secret_values,
+    )
 
     route_lightning_logs()
     out = output_dir(cfg)
+    resuming = bool(cfg.get("resume"))
+    if not resuming:
+        new_wandb_id(cfg)
+    secrets = secret_values(OmegaConf.to_container(cfg, resolve=True))
+    if is_rank_zero():
+        if resuming:
+            remove_partial_checkpoints(Path(cfg.ckpt_path).parent)
+        else:  # Hydra saved the command line before we ran: mask any secret given there
+            saved = sorted((out / ".hydra").glob("*.yaml"))
+            if in_multirun():  # and once more for the whole sweep
+                saved.append(out.parent / "multirun.yaml")
+            mask_files(saved, secrets)
     pl.seed_everything(cfg.seed, workers=True)
 
     # 1. prepare data (labels come from the data: the head's size and id2label)
@@ -176,7 +257,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # 4. train
     throughput = TrainThroughput()
-    callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [throughput]
+    # RNGState is not optional like the configured callbacks: without it a resumed run's
+    # dropout differs from the uninterrupted run's
+    callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [throughput, RNGState()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -184,17 +267,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers or False,
         # the datamodule's batch sampler shards itself over ranks (see data.py)
         use_distributed_sampler=False,
+        plugins=[*(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
     )
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    if trainer.is_global_zero:  # the resolved config, readable without Hydra (eval.py ckpt_path=)
+    hparams = public_config(OmegaConf.to_container(cfg, resolve=True), secrets)
+    if trainer.is_global_zero and not resuming:  # resolved, readable without Hydra (eval.py, resume=)
         OmegaConf.save(OmegaConf.create(hparams), out / "config.yaml")
     try:
+        if resuming and trainer.is_global_zero:
+            keep_csv_history(trainer.loggers, Path(cfg.ckpt_path))
         for lg in trainer.loggers:
             lg.log_hyperparams(hparams)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        guard = next((cb for cb in trainer.callbacks if isinstance(cb, CrashSafeCheckpoint)), None)
+        if guard is not None:  # a signal after the last point where training could stop
+            guard.stop_if_requested(trainer)  # then: save, skip test and export, exit
+        # the run's own numbers first: loading the best checkpoint below restores every
+        # callback's state (throughput, skipped steps) to what it was at that checkpoint
+        stats = run_stats(trainer, module, throughput, strategy)
+        bad = next((cb for cb in trainer.callbacks if isinstance(cb, FiniteLossGuard)), None)
+        if bad is not None:
+            stats["skipped_bad_steps"] = bad.bad_steps
+        if resuming:
+            stats["resumed_from"] = cfg.ckpt_path
         # 5. evaluate the best checkpoint on validation and test
         metrics = evaluate_best(cfg, trainer, module, datamodule)
-        metrics.update(run_stats(trainer, module, throughput, strategy))
+        metrics.update(stats, peak_rss_mb=peak_rss_mb())
         # 6. deploy: results, confusion matrix, exported model
         if trainer.is_global_zero:
             save_results(cfg, out, module, label_names, metrics, trainer.loggers)
@@ -212,14 +309,40 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def keep_csv_history(loggers, ckpt: Path) -> None:
+    """A resumed run's ``metrics.csv`` keeps the rows logged before its checkpoint.
+
+    Lightning's CSVLogger deletes an existing metrics.csv when it starts writing, so a resumed
+    run would hold only what it logged itself. Rows from after the checkpoint (a stopped run
+    flushed them; the resumed run logs those steps again) are left out.
+    """
+    import csv
+
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+    if not csv_loggers:
+        return
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    for lg in csv_loggers:
+        path = Path(lg.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)
+                    if str(r.get("step", "")).isdigit() and int(r["step"]) < step]
+        lg.experiment.metrics[:0] = rows  # the writer (created now) writes them with the new rows
+
+
 def evaluate_best(cfg: DictConfig, trainer, module, datamodule) -> dict[str, Any]:
     """Validation and test metrics of the best checkpoint (the last weights if none was kept)."""
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     metrics: dict[str, Any] = {"best_checkpoint": best}
-    results = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics.update(scalar_metrics(results[0] if results else {}))  # [] when validation is off
     if cfg.get("test") and (datamodule.files.get("test") or datamodule.hub_name):
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         metrics.update(scalar_metrics(results[0] if results else {}))
     return metrics
 
@@ -277,17 +400,36 @@ def main(cfg: DictConfig) -> float:
     A failed run records ``status: failed`` and the error in its own metrics.json. In a
     multirun, one failing job (a NaN at a silly LR, a bad combination) must not take the
     sweep's other results with it: the failure is recorded for the sweep report, and the
-    sweep goes on.
+    sweep goes on. A run stopped by SIGTERM/SIGINT records ``status: interrupted`` and how to
+    resume it, and exits (a sweep stops too: the signal was meant for all of it).
     """
+    global _RUN_DIR
+    from sftlab.runs import RunInterrupted, is_rank_zero
+
+    _RUN_DIR = None
     try:
         return float(train(cfg).get("val/acc", float("nan")))
+    except RunInterrupted as err:
+        if _RUN_DIR is not None and is_rank_zero():
+            _record(_RUN_DIR, {"status": "interrupted", "signal": err.signal_name, "global_step": err.step,
+                               "checkpoint": err.checkpoint, "resume": f"python train.py resume={_RUN_DIR}"})
+            if err.checkpoint:
+                log.warning("Stopped by %s at step %d; continue with: python train.py resume=%s",
+                            err.signal_name, err.step, _RUN_DIR)
+        raise
     except Exception as err:
-        try:
-            write_json(output_dir(cfg) / "metrics.json",
-                       {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        except Exception:  # noqa: BLE001  (never hide the original error)
-            pass
+        if _RUN_DIR is not None and is_rank_zero():
+            _record(_RUN_DIR, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         if not in_multirun():
             raise
         log.error("Job failed (%s: %s); recorded in metrics.json, the sweep goes on.", type(err).__name__, err)
         return float("nan")
+
+
+def _record(run_dir: Path, data: dict[str, Any]) -> None:
+    """Write a run's end state into its metrics.json, never hiding the error that ended it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "metrics.json", data)
+    except Exception:  # noqa: BLE001
+        pass
