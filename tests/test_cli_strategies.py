@@ -169,16 +169,9 @@ def test_lora_export_loads_with_peft_unimportable(runs):
 
 
 # The acceptance command keeps debug=fast's eval batch (64) larger than the whole validation
-# split, so there is one eval batch for two ranks. data.py's sampler shards evaluation by
-# *batches* (rank r takes batches r, r+W, ...), which leaves rank 1 with none and Lightning
-# stops ("ResumableDataLoader within local rank has zero length"). Sharding evaluation by
-# *examples* (each rank batches order[r::W]) fixes it; see the strategies/DDP report. Strict:
-# once data.py is fixed this XPASSes and fails, so the marker cannot outlive the bug.
-EVAL_FITS_ONE_BATCH = pytest.param(
-    [], id="debug_fast_eval_batch",
-    marks=pytest.mark.xfail(strict=True, reason="data.py shards eval batches, not examples: "
-                            "a rank gets 0 eval batches when there are fewer batches than ranks"),
-)
+# split: one eval batch for two ranks. Evaluation is sharded by examples (data.py), so both
+# ranks still get data; the second case has several eval batches per rank.
+EVAL_FITS_ONE_BATCH = pytest.param([], id="debug_fast_eval_batch")
 
 
 @pytest.mark.slow

@@ -174,7 +174,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng(self.seed + self.epoch)
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable") if self.group_by_length else np.arange(n)
-            return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+            # evaluation shards by example, not by batch: every rank gets data whenever there
+            # are at least as many examples as ranks, and no example is counted twice
+            order = order[self.rank :: self.num_replicas]
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         perm = rng.permutation(n)
         if self.group_by_length:
             size = self.batch_size * self.mega
@@ -196,7 +199,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             if self.shuffle and batches:  # equal step counts on every rank
                 total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
                 batches = batches + batches[: total - len(batches)]
-            batches = batches[self.rank :: self.num_replicas]
+                batches = batches[self.rank :: self.num_replicas]
         skip, self.skip = self.skip, 0  # one resumed epoch only
         return iter(batches[skip:])
 
@@ -206,7 +209,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if self.num_replicas > 1:
             if self.shuffle:
                 return math.ceil(full / self.num_replicas)
-            return len(range(self.rank, full, self.num_replicas))
+            return math.ceil(len(range(self.rank, n, self.num_replicas)) / self.batch_size)
         return full
 
 
