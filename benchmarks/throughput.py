@@ -9,7 +9,7 @@ max_length 128, the same number of optimizer steps, the same seed.
 
   (a) hf       the HF Trainer with the seed recipe's settings (random batches, fp32)
   (b) plain    a plain PyTorch loop (random batches, fp32)
-  (b') plain*  the plain loop with sftlab's default batches and precision
+  (b') plain*  the plain loop with sftlab's default batches, precision and fast dropout
   (c) sftlab   sftlab's defaults (python train.py)
   (d) fastest  sftlab's fastest settings
 
@@ -111,8 +111,9 @@ def run_hf(args, steps: int | None, epochs: float = 1.0, evaluate: bool = False)
 def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     """(b) a plain PyTorch loop: AdamW, linear warmup/decay, clip 1.0, nothing else.
 
-    With ``sftlab_batches`` it uses sftlab's default batching (length-grouped) and precision,
-    so its wall time is the floor that sftlab's own loop is measured against.
+    With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision and
+    model-level kernels (``model.fast_dropout``), so its wall time is the floor that sftlab's
+    own loop is measured against: the difference is the framework, nothing else.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -125,6 +126,10 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     train = load_split(tok, "train", args.max_length).with_format("torch")
     collate = DataCollatorWithPadding(tok)
     bf16 = sftlab_batches and args.default_precision.startswith("bf16")
+    if sftlab_batches and args.default_fast_dropout:
+        from sftlab.fast_dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     if sftlab_batches:
         lengths = [len(x) for x in train.with_format(None)["input_ids"]]
         loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
@@ -211,6 +216,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         defaults = compose("train", overrides=["paths.output_dir=/tmp"])
     args.default_precision = str(defaults.trainer.precision)
+    args.default_fast_dropout = bool(defaults.model.get("fast_dropout", False))
     arms = args.arms.split(",")
     fns = {
         "hf": lambda: run_hf(args, args.steps),

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.errors import ConfigError
+from sftlab.fast_dropout import FastDropout, use_fast_dropout  # noqa: F401 (FastDropout re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -126,47 +127,6 @@ def load_pretrained(
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
-
-
-class FastDropout(torch.nn.Module):
-    """Dropout whose mask costs a quarter of the random numbers: four masks per 64-bit draw.
-
-    Why: on CPU, ``torch.bernoulli_`` draws one random number per element on one thread, and
-    the profiler put dropout at ~15% of a bf16 MiniLM training step (2 cores). One int64 draw
-    split into four 16-bit lanes gives four independent uniform 16-bit numbers, so the mask
-    costs ~4x less while each element is still dropped independently with probability p
-    (rounded to a multiple of 1/65536). Off the CPU, or with p == 0, it is ``F.dropout``.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = float(p)
-        # keep an element when its 16-bit lane (as int16, -32768..32767) is >= threshold
-        self.threshold = -32768 + round(self.p * 65536)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or self.p >= 1.0:
-            return F.dropout(x, self.p, True)
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        keep = (words.view(torch.int16)[:n] >= self.threshold).view(x.shape)
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def use_fast_dropout(model: torch.nn.Module) -> int:
-    """Swap every ``nn.Dropout`` of the model for :class:`FastDropout`; return how many."""
-    swapped = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Dropout:
-                setattr(module, child_name, FastDropout(child.p).train(child.training))
-                swapped += 1
-    return swapped
 
 
 def metric_key(name: str) -> str:

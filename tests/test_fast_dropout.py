@@ -1,0 +1,118 @@
+"""Fast dropout: dropout's statistics from fewer random numbers; the attention backend computes
+exactly SDPA's attention (masks, causality) apart from which probabilities it drops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftlab import fast_dropout as fd
+from sftlab.fast_dropout import FastDropout, use_fast_dropout
+from test_layers import one_thread, tiny_model  # noqa: F401
+
+
+def test_fast_dropout_statistics_and_gradient():
+    torch.manual_seed(0)
+    d = FastDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = d(x)
+    keep = (y != 0).float().mean().item()
+    assert keep == pytest.approx(0.9, abs=0.002)  # 1e6 draws: sd of the rate is 3e-4
+    assert y.mean().item() == pytest.approx(1.0, abs=0.003)  # inverted scaling keeps the mean
+    y.sum().backward()
+    kept = y.detach() != 0
+    assert torch.equal(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.9))
+    assert torch.equal(x.grad[~kept], torch.zeros_like(x.grad[~kept]))
+    # independent masks: two calls differ, and neighbouring lanes of one draw are uncorrelated
+    m = (FastDropout(0.5).train()(torch.ones(400_000)) != 0).float().view(-1, 4)
+    corr = torch.corrcoef(m.T)
+    assert (corr - torch.eye(4)).abs().max() < 0.01
+    assert not torch.equal(d(x), d(x))
+    d.eval()
+    assert d(x) is x
+
+
+def test_swapping_dropout_changes_nothing_in_eval(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).eval()
+    ids = torch.randint(1000, 2000, (2, 12))
+    before = model(input_ids=ids).logits
+    n = use_fast_dropout(model)
+    assert n >= 2 * 3 + 2  # two per block, embeddings, classifier
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.fixture
+def keep_everything(monkeypatch):
+    """Masks that keep every element: dropout becomes a deterministic 1/(1-p) scaling."""
+    monkeypatch.setattr(fd, "keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, is_causal: bool) -> None:
+        super().__init__()
+        self.is_causal = is_causal
+
+
+@pytest.mark.parametrize("case", ["bool_padding", "float_padding", "no_mask", "causal"])
+def test_attention_equals_sdpa_when_nothing_is_dropped(case, keep_everything):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    lengths = torch.tensor([7, 4])
+    attend = (torch.arange(7)[None, :] < lengths[:, None])[:, None, None, :].expand(2, 1, 7, 7)
+    mask = {"bool_padding": attend, "float_padding": torch.where(attend, 0.0, torch.finfo(torch.float32).min),
+            "no_mask": None, "causal": None}[case]
+    module = _Module(is_causal=case == "causal").train()
+    p = 0.25
+    ours, _ = fd.attention(module, q, k, v, mask, dropout=p, scaling=0.3)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert ours.shape == ref.shape == (2, 7, 3, 8)
+    torch.testing.assert_close(ours * (1 - p), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_drops_probabilities_and_delegates_outside_its_case():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    v = torch.eye(64)[None, None]  # the output *is* the (dropped) probability matrix
+    out, _ = fd.attention(_Module(False).train(), q, k, v, None, dropout=0.5)
+    probs = out.transpose(1, 2)
+    assert (probs == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    # p == 0 (evaluation) is transformers' SDPA, bit for bit
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    a, _ = fd.attention(_Module(False).eval(), q, k, v, None, dropout=0.0)
+    b, _ = sdpa_attention_forward(_Module(False).eval(), q, k, v, None, dropout=0.0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra", "gpt2", "distilbert"])
+def test_model_in_training_mode_matches_sdpa_with_padding(arch, monkeypatch):
+    """Padding masks and causality reach the backend: with dropout made the identity, the fast
+    model in training mode computes what the SDPA model computes."""
+    ref = tiny_model(arch).eval()
+    fast = tiny_model(arch)
+    use_fast_dropout(fast)
+    fast.train()
+    assert fast.config._attn_implementation == fd.ATTENTION_NAME
+    monkeypatch.setattr(fd, "fast_dropout", lambda x, p: x)
+    calls = []
+    real_attention = fd.attention
+    monkeypatch.setattr(fd, "attention", lambda *a, **k: calls.append(k["dropout"]) or real_attention(*a, **k))
+    fd.register_attention()  # the patched function is the registered one
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    if arch == "gpt2":  # a decoder pools the last non-pad token: pad on the right with the pad id
+        ids[1, 5:] = 1
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        got = fast(input_ids=ids, attention_mask=mask).logits
+    assert calls and all(p > 0 for p in calls)  # the training-time path ran, in every block
+    monkeypatch.undo()
+    fd.register_attention()  # the real function again, for the tests after this one
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
