@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_layers import one_thread, tiny_model  # noqa: F401
 
 from sftlab import fast_dropout as fd
 from sftlab.fast_dropout import FastDropout, use_fast_dropout
-from test_layers import one_thread, tiny_model  # noqa: F401
 
 
 def test_fast_dropout_statistics_and_gradient():
