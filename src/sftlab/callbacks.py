@@ -61,8 +61,12 @@ class TrainThroughput(pl.Callback):
             self.train_time_s += time.perf_counter() - self._t0
             self._t0 = None
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        # restart after a validation at the next training batch, not at validation end: the
+        # best/last checkpoints are written after validation (ModelCheckpoint runs its
+        # on_validation_end after ours), and that model selection is not training, just as the
+        # HF Trainer's train_samples_per_second with saving off does not count it
+        if self._t0 is None:
             self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

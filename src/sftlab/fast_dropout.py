@@ -131,3 +131,8 @@ def use_fast_dropout(model: torch.nn.Module, attention_backend: bool = True) -> 
         model.set_attn_implementation(ATTENTION_NAME)
     return swapped
 
+
+
+# Also on import: a switched model unpickled in a fresh process (ddp_spawn, torch.load of a
+# whole module) imports this module for FastDropout, and so finds its backend registered.
+register_attention()
