@@ -1,0 +1,50 @@
+"""Callbacks: the throughput clock counts training only (what the HF Trainer's
+train_samples_per_second counts with evaluation and saving off)."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from sftlab import callbacks
+
+
+def test_train_time_excludes_validation_and_the_checkpointing_after_it(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+    trainer = types.SimpleNamespace(training=True, world_size=2)
+    batch = {"labels": torch.zeros(4)}
+    c = callbacks.TrainThroughput()
+
+    def tick(seconds: float) -> None:
+        now[0] += seconds
+
+    def train_batch(seconds: float, idx: int) -> None:
+        c.on_train_batch_start(trainer, None, batch, idx)
+        tick(seconds)
+        c.on_train_batch_end(trainer, None, None, batch, idx)
+
+    c.on_fit_start(trainer, None)
+    tick(5.0)  # model setup, before training: not counted
+    c.on_train_start(trainer, None)
+    c.on_train_epoch_start(trainer, None)
+    train_batch(1.0, 0)
+    c.on_validation_start(trainer, None)  # mid-epoch validation (val_check_interval < 1)
+    tick(10.0)
+    c.on_validation_end(trainer, None)
+    tick(7.0)  # ModelCheckpoint writes best/last after validation
+    train_batch(2.0, 1)
+    c.on_validation_start(trainer, None)  # epoch-end validation, then the epoch-end hook
+    tick(10.0)
+    c.on_validation_end(trainer, None)
+    tick(7.0)
+    c.on_train_epoch_end(trainer, None)
+    c.on_train_epoch_start(trainer, None)
+    train_batch(3.0, 0)
+    c.on_train_epoch_end(trainer, None)  # an epoch without validation
+
+    assert c.train_time_s == 6.0
+    assert c.samples == 3 * 4 * 2  # every rank's examples
+    assert c.samples_per_s == 4.0
+    assert c.first_step_s == 6.0
