@@ -57,7 +57,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data):
                 "+trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
                 "data.batch_size=8", "data.eval_batch_size=16", "model.max_length=32",
                 "~callbacks.progress_bar", "optimizer.lr=1e-3",
-            ]
+            ] + (["strategy.trainable_layers=2"] if name == "partial" else [])  # the tiny model has 2 blocks
             GlobalHydra.instance().clear()
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
@@ -99,7 +99,7 @@ def expected_counts(model_dir: Path) -> dict[str, int]:
         "head_only": head,
         "bitfit": head + body_biases,
         "lora": head + lora,
-        # partial: trainable_layers=2 = every block of the 2-block model, not the embeddings
+        # partial (trainable_layers=2 here): every block of the 2-block model, not the embeddings
         "partial": total - embeddings,
         "total": total,
     }
