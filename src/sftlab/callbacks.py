@@ -88,6 +88,43 @@ class TrainThroughput(pl.Callback):
         self.train_time_s = state_dict.get("train_time_s", 0.0)
 
 
+class ReleaseFreeMemory(pl.Callback):
+    """Hand freed heap memory back to the OS every ``every_n_steps`` steps and after validation.
+
+    Why: batches of varying length allocate tensors of varying size; glibc keeps the freed
+    chunks resident, and the peak RSS of a default run grew with each epoch (1.9 GB after
+    one, 2.3 GB after three on 1600 rows). ``malloc_trim(0)`` returns the free pages (a few ms
+    each call). Only the resident size changes, never the allocator's policy, so nothing
+    leaks into other code in the process (such as the HF arm of the throughput benchmark).
+    A no-op where the C library has no ``malloc_trim`` (macOS, musl).
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = int(every_n_steps)
+        self._trim = _malloc_trim()
+
+    def _release(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps > 0 and (batch_idx + 1) % self.every_n_steps == 0:
+            self._release()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 class FiniteLossGuard(pl.Callback):
     """Stop at the first non-finite training loss (or after ``max_bad_steps`` skipped ones).
 
