@@ -39,9 +39,11 @@ def print_metrics_table(metrics: Mapping[str, Any], title: str = "results") -> N
     from rich.console import Console
     from rich.table import Table
 
+    splits = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
+    if not splits:  # a run without validation and test (a throughput benchmark): nothing to show
+        return
     table = Table(title=title)
     table.add_column("metric")
-    splits = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
     for s in splits:
         table.add_column(s, justify="right")
     for name in ("acc", "f1_macro", "loss"):
