@@ -111,9 +111,10 @@ def run_hf(args, steps: int | None, epochs: float = 1.0, evaluate: bool = False)
 def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     """(b) a plain PyTorch loop: AdamW, linear warmup/decay, clip 1.0, nothing else.
 
-    With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision and
-    model-level kernels (``model.fast_dropout``), so its wall time is the floor that sftlab's
-    own loop is measured against: the difference is the framework, nothing else.
+    With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
+    model-level kernels (``model.fast_dropout``) and heap policy (the ``release_memory``
+    callback's, driven by hand), so its wall time is the floor that sftlab's own loop is
+    measured against: the difference is the framework, nothing else.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -141,6 +142,12 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
     sched = get_scheduler("linear", opt, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
     model.train()
+    memory = None
+    if sftlab_batches and args.default_release_memory is not None:
+        from sftlab.callbacks import ReleaseFreeMemory
+
+        memory = ReleaseFreeMemory(**args.default_release_memory)
+        memory.setup(None, None, "fit")
     done, samples = 0, 0
     t0 = time.perf_counter()
     while done < steps:
@@ -154,10 +161,14 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             samples += len(batch["labels"])
+            if memory is not None:
+                memory.on_train_batch_end(None, None, None, batch, done)
             done += 1
             if done >= steps:
                 break
     wall = time.perf_counter() - t0
+    if memory is not None:
+        memory.teardown(None, None, "fit")
     return {"samples_per_s": samples / wall, "wall_s": wall}
 
 
@@ -217,6 +228,9 @@ def main() -> None:
         defaults = compose("train", overrides=["paths.output_dir=/tmp"])
     args.default_precision = str(defaults.trainer.precision)
     args.default_fast_dropout = bool(defaults.model.get("fast_dropout", False))
+    release = defaults.callbacks.get("release_memory")
+    args.default_release_memory = ({k: v for k, v in release.items() if k != "_target_"}
+                                   if release is not None else None)
     arms = args.arms.split(",")
     fns = {
         "hf": lambda: run_hf(args, args.steps),

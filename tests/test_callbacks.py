@@ -61,4 +61,43 @@ def test_release_free_memory_trims_every_n_steps_and_after_validation():
     assert len(calls) == 2  # after batches 3 and 6
     c.on_validation_end(None, None)
     assert calls == [0, 0, 0]
-    assert callbacks._malloc_trim()(0) in (0, 1)  # the real call works
+    assert callbacks._glibc().malloc_trim(0) in (0, 1)  # the real call works
+
+
+def _faults_touching_a_fresh_block(libc, nbytes: int = 64 * 2**20) -> int:
+    """Page faults of writing a malloc'd block whose twin was just freed (the per-step pattern)."""
+    import ctypes
+    import resource
+
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = libc.malloc(nbytes)  # written and freed once, as the previous step does
+    ctypes.memset(block, 1, nbytes)
+    libc.free(block)
+    block = libc.malloc(nbytes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(block, 1, nbytes)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
+
+
+def test_release_free_memory_keeps_big_blocks_for_fit_only():
+    """During fit a freed 64 MB block is reused without page faults; before and after, glibc
+    maps it afresh (16k faults): the policy is scoped to training, also when fit raises."""
+    c = callbacks.ReleaseFreeMemory(every_n_steps=0)
+    libc = c._libc
+    pages = 64 * 2**20 // 4096
+    assert _faults_touching_a_fresh_block(libc) > pages // 2
+    c.setup(None, None, "fit")
+    assert _faults_touching_a_fresh_block(libc) < pages // 20
+    c.teardown(None, None, "fit")
+    assert _faults_touching_a_fresh_block(libc) > pages // 2
+    c.setup(None, None, "validate")  # only fit changes the policy
+    assert _faults_touching_a_fresh_block(libc) > pages // 2
+    c.setup(None, None, "fit")
+    c.on_exception(None, None, RuntimeError("boom"))
+    assert _faults_touching_a_fresh_block(libc) > pages // 2
+    off = callbacks.ReleaseFreeMemory(keep_big_blocks=False)
+    off.setup(None, None, "fit")
+    assert _faults_touching_a_fresh_block(libc) > pages // 2

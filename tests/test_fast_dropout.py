@@ -32,6 +32,34 @@ def test_fast_dropout_statistics_and_gradient():
     assert d(x) is x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_equals_where_with_the_same_mask(dtype):
+    """The one-pass kernel computes exactly ``where(keep, x / (1 - p), 0)`` forward and backward
+    (the scale applied in fp32, as a Python scalar is), from the mask ``keep_mask`` draws."""
+    p = 0.1
+    x = torch.randn(4, 6, 33, 17).to(dtype).requires_grad_()
+    g = torch.randn(4, 6, 33, 17).to(dtype)
+    torch.manual_seed(1)
+    keep_bool = fd.keep_mask(x.shape, p)
+    torch.manual_seed(1)
+    keep = fd.keep_mask(x.shape, p, dtype)  # the same draw, as 0/1 numbers
+    assert keep.dtype == dtype and torch.equal(keep.bool(), keep_bool)
+    torch.manual_seed(1)
+    y = fd.fast_dropout(x, p)
+    y.backward(g)
+    expected = torch.where(keep_bool, x.detach() * (1 / (1 - p)), 0.0)
+    assert y.dtype == dtype and torch.equal(y, expected)
+    assert torch.equal(x.grad, torch.where(keep_bool, g * (1 / (1 - p)), 0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves the kernel's dtype alone
+        assert fd.fast_dropout(x, p).dtype == dtype
+
+
+def test_keep_mask_edge_probabilities():
+    assert torch.equal(fd.keep_mask((3, 5), 1e-7, torch.float32), torch.ones(3, 5))  # rounds to 0
+    assert torch.equal(fd.keep_mask((3, 5), 1 - 1e-7, torch.bfloat16), torch.zeros(3, 5, dtype=torch.bfloat16))
+    assert fd.keep_mask((7,), 0.5).dtype == torch.bool
+
+
 def test_swapping_dropout_changes_nothing_in_eval(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -47,7 +75,7 @@ def test_swapping_dropout_changes_nothing_in_eval(tiny_model_dir):
 @pytest.fixture
 def keep_everything(monkeypatch):
     """Masks that keep every element: dropout becomes a deterministic 1/(1-p) scaling."""
-    monkeypatch.setattr(fd, "keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+    monkeypatch.setattr(fd, "keep_mask", lambda shape, p, dtype=torch.bool: torch.ones(shape, dtype=dtype))
 
 
 class _Module(torch.nn.Module):
