@@ -24,7 +24,7 @@ test:  ## the fast test set (under ~10 minutes on 2 CPU cores)
 test-all:  ## every test, the slow ones too
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
-bench:  ## training throughput: HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
+bench:  ## training throughput, one epoch per arm (~20 min): HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
 	$(PYTHON) benchmarks/throughput.py $(ARGS)
 
 strategies:  ## the strategy table: all 8 strategies, defaults, 3 epochs each (~40+ min on 2 CPUs; ARGS="--epochs 1")
