@@ -119,3 +119,43 @@ def test_sampler_groups_by_length_and_shards_ranks():
     ev = [list(LengthGroupedBatchSampler(lengths, 64, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
     flat = [i for r in ev for b in r for i in b]
     assert sorted(flat) == list(range(1000))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_pads_like_the_hf_collator(tokenizer, tmp_path, side):
+    """Our tensor padding gives exactly DataCollatorWithPadding's batch (pairs, both sides)."""
+    import copy
+
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = side
+    rows = [{"a": "short " * (1 + i % 7), "b": "the other half " * (1 + i % 3), "label": i % 2} for i in range(20)]
+    dm = make_dm(tok, tmp_path, train_file=str(write_rows(tmp_path / "t.csv", rows)), text_field="a",
+                 text_pair_field="b", val_fraction=0.2)
+    dm.setup()
+    ds = dm.datasets["train"]
+    features = ds.__getitems__(list(range(9)))  # what the DataLoader hands to collate_fn
+    assert len({len(f["input_ids"]) for f in features}) > 1  # really ragged
+    ours, hf = dm.collate(features), DataCollatorWithPadding(tok)(features)
+    assert set(ours) == set(hf) >= {"input_ids", "token_type_ids", "attention_mask", "labels", "idx"}
+    for key in hf:
+        assert ours[key].dtype == hf[key].dtype and torch.equal(ours[key], hf[key]), key
+    pad_col = 0 if side == "left" else -1  # the shortest row is padded on the tokenizer's side
+    shortest = int(ours["attention_mask"].sum(1).argmin())
+    assert ours["attention_mask"][shortest, pad_col] == 0
+    assert ours["input_ids"][shortest, pad_col] == tok.pad_token_id
+
+
+def test_collate_without_pad_token_defers_to_hf(tokenizer, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    dm = make_dm(tok, tmp_path, train_file=str(write_rows(
+        tmp_path / "t.csv", [{"text": "word " * (1 + i), "label": i % 2} for i in range(10)])))
+    dm.setup()
+    features = dm.datasets["train"].__getitems__([0, 1, 2])
+    tok.pad_token = None  # the HF collator's own error, not a silent pad id
+    with pytest.raises(ValueError, match="pad"):
+        dm.collate(features)

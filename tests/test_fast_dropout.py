@@ -102,6 +102,24 @@ def test_attention_equals_sdpa_when_nothing_is_dropped(case, keep_everything):
     torch.testing.assert_close(ours * (1 - p), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_additive_mask_is_converted_once_per_mask_and_follows_changes():
+    attend = torch.tensor([[True, True, False], [True, False, False]])[:, None, None, :]
+    first = fd.additive_mask(attend, torch.bfloat16)
+    assert fd.additive_mask(attend, torch.bfloat16) is first  # every layer of one forward: cached
+    assert torch.equal(first == 0, attend)
+    assert first.min().item() == torch.finfo(torch.bfloat16).min
+    assert fd.additive_mask(attend, torch.float32).dtype == torch.float32  # another dtype: converted
+    attend[0, 0, 0, 2] = True  # changed in place: the version counter invalidates the cache
+    assert torch.equal(fd.additive_mask(attend, torch.bfloat16) == 0, attend)
+    other = attend.clone()  # an equal but different tensor: converted anew, same values
+    assert fd.additive_mask(other, torch.bfloat16) is not fd.additive_mask(attend, torch.bfloat16)
+    # the probabilities are those of masked_fill: masked scores get exactly 0 after softmax
+    scores = torch.randn(2, 1, 1, 3)
+    a = torch.softmax(scores + fd.additive_mask(attend, torch.float32), -1)
+    b = torch.softmax(scores.masked_fill(~attend, torch.finfo(torch.float32).min), -1)
+    assert torch.equal(a, b)
+
+
 def test_attention_drops_probabilities_and_delegates_outside_its_case():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)

@@ -608,7 +608,18 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------------------- loaders
     def collate(self, features: list[dict]) -> dict:
-        """Pad per batch (DataCollatorWithPadding) to the longest member, not to max_length."""
+        """Pad per batch to the longest member (not to max_length), by the tokenizer's rules.
+
+        The result is what ``DataCollatorWithPadding`` returns (``tests/test_data.py`` compares
+        them, left and right padding). Why not simply that collator: it turns every tensor back
+        into Python lists and pads in Python, 1.8 ms per batch of 16 here, ~1% of a bf16
+        training step on 2 CPU cores and on the loop's critical path (``num_workers=0``).
+        Padding the tensors with ``pad_sequence`` takes ~0.1 ms. Anything this does not know (a
+        tokenizer without a pad token, a column of another kind) goes to the HF collator.
+        """
+        batch = _pad_tensors(features, self.tokenizer)
+        if batch is not None:
+            return batch
         if not hasattr(self, "_collator"):
             from transformers import DataCollatorWithPadding
 
@@ -695,6 +706,30 @@ def _quiet_save(ds, path: Path) -> None:
 def _on_gpu(dm: pl.LightningDataModule) -> bool:
     trainer = getattr(dm, "trainer", None)
     return bool(trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
+
+
+def _pad_tensors(features: list[dict], tokenizer) -> dict | None:
+    """Right- or left-pad the token columns of tensor rows; None where the HF collator must do it."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    if not features or tokenizer is None or tokenizer.pad_token_id is None:
+        return None
+    pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "special_tokens_mask": 1,
+                  "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    side = getattr(tokenizer, "padding_side", "right")
+    out = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            return None
+        if all(v.dim() == 0 for v in values):  # labels, idx
+            out["labels" if key in ("label", "label_ids") else key] = torch.stack(values)
+        elif key in pad_values and all(v.dim() == 1 for v in values):
+            out[key] = pad_sequence(values, batch_first=True, padding_value=pad_values[key], padding_side=side)
+        else:
+            return None
+    return out
 
 
 def _tokenizer_digest(tok) -> str:

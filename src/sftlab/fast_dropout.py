@@ -25,6 +25,8 @@ multiple of 1/65536). Off the CPU, or with p == 0, it is ``F.dropout``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +102,31 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
+_additive_cache: list = [None, None, None]  # (weakref to the bool mask, its _version, additive mask)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend, the SDPA convention) as 0 / dtype-min to add to the scores.
+
+    Why: ``masked_fill(~mask, min)`` reads the bool mask and writes a new score tensor in every
+    layer, and the negation is a slow bool kernel on CPU; transformers hands every layer the
+    same mask object, so it is converted once per forward pass (a one-entry cache that holds
+    the mask by weak reference and checks its version counter) and added in place. The
+    probabilities are unchanged: a masked score becomes dtype-min either way, and softmax
+    gives it exactly 0. Measured on MiniLM, batch 16, bf16: the training step 1.2% faster
+    (step-interleaved A/B over 120 steps). Float masks (already additive) pass through cast.
+    """
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    ref, version, cached = _additive_cache
+    if ref is not None and ref() is mask and version == mask._version and cached.dtype == dtype:
+        return cached
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min)
+    _additive_cache[:] = [weakref.ref(mask), mask._version, additive]
+    return additive
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
               is_causal=None, **kwargs):
     """Scaled dot-product attention with fast dropout on the probabilities (a transformers backend).
@@ -123,11 +150,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
             kv_length - q_length)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query * scaling, key.transpose(-1, -2))
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # True = attend (the SDPA convention)
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:  # additive float mask
-            scores = scores + attention_mask.to(scores.dtype)
+    if attention_mask is not None:  # in place: matmul's backward does not need its output
+        scores.add_(additive_mask(attention_mask, scores.dtype))
     if value.dtype in (torch.bfloat16, torch.float16):
         # the kernel accumulates in fp32 either way; writing (and saving for backward) the
         # probabilities in the value dtype, which the next matmul uses anyway, instead of an
