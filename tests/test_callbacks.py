@@ -52,7 +52,7 @@ def test_train_time_excludes_validation_and_the_checkpointing_after_it(monkeypat
 
 
 def test_release_free_memory_trims_every_n_steps_and_after_validation():
-    c = callbacks.ReleaseFreeMemory(every_n_steps=3)
+    c = callbacks.ReleaseFreeMemory(every_n_steps=3, max_growth_mb=None)
     assert c._trim is not None  # glibc here (Linux CI)
     calls = []
     c._trim = calls.append
@@ -62,6 +62,40 @@ def test_release_free_memory_trims_every_n_steps_and_after_validation():
     c.on_validation_end(None, None)
     assert calls == [0, 0, 0]
     assert callbacks._glibc().malloc_trim(0) in (0, 1)  # the real call works
+
+
+def test_release_free_memory_trims_when_resident_memory_grew(monkeypatch):
+    """The growth bound: a trim as soon as RSS is max_growth_mb above what the last trim left."""
+    real_reading = callbacks._resident_bytes()
+    assert 0 < real_reading < 64 * 2**30  # Linux: /proc/self/statm
+    rss = {"now": 1000 * 2**20}
+    monkeypatch.setattr(callbacks, "_resident_bytes", lambda: rss["now"])
+    c = callbacks.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=100)
+    calls = []
+
+    def trim(pad):  # the trim hands 60 MiB back
+        calls.append(pad)
+        rss["now"] -= 60 * 2**20
+
+    c._trim = trim
+    c.on_train_batch_end(None, None, None, None, 0)  # the first reading is the baseline
+    rss["now"] += 90 * 2**20
+    c.on_train_batch_end(None, None, None, None, 1)
+    assert calls == []
+    rss["now"] += 20 * 2**20  # 110 MiB above the baseline
+    c.on_train_batch_end(None, None, None, None, 2)
+    assert calls == [0]  # the new baseline is what the trim left: 1050 MiB
+    rss["now"] += 99 * 2**20
+    c.on_train_batch_end(None, None, None, None, 3)
+    assert calls == [0]
+    rss["now"] += 2 * 2**20
+    c.on_train_batch_end(None, None, None, None, 4)
+    assert calls == [0, 0]
+    off = callbacks.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=None)
+    off._trim = calls.append
+    rss["now"] += 10**12
+    off.on_train_batch_end(None, None, None, None, 0)
+    assert calls == [0, 0]  # no growth bound configured: no trim
 
 
 def _faults_touching_a_fresh_block(libc, nbytes: int = 64 * 2**20) -> int:
