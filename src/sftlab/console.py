@@ -10,10 +10,20 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any, decimals: int = 4) -> str:
+    """The one way sftlab shows a number to people (tables, model cards, reports).
+
+    Floats with ``decimals`` places (4 by default: accuracies differ in the third), tiny ones in
+    3 significant digits (an LR of 2e-05, not 0.0000); integers with thousands separators
+    (parameter counts); None and NaN as an empty cell; anything else as its text.
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, float):
-        return f"{value:.3g}" if value < 1e-2 else f"{value:.4f}"
-    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:.3g}" if 0 < abs(value) < 1e-2 else f"{value:.{decimals}f}"
+    if isinstance(value, int):
         return f"{value:,}"
     return str(value)
 
@@ -30,7 +40,7 @@ def print_parts_table(rows: Iterable[Mapping[str, Any]], title: str = "parts") -
     for col in rows[0]:
         table.add_column(str(col), justify="right" if col != "part" else "left")
     for row in rows:
-        table.add_row(*(_fmt(v) for v in row.values()))
+        table.add_row(*(fmt(v) for v in row.values()))
     Console(stderr=False).print(table)
 
 
@@ -48,5 +58,5 @@ def print_metrics_table(metrics: Mapping[str, Any], title: str = "results") -> N
         table.add_column(s, justify="right")
     for name in ("acc", "f1_macro", "loss"):
         if any(f"{s}/{name}" in metrics for s in splits):
-            table.add_row(name, *(_fmt(metrics.get(f"{s}/{name}", "")) for s in splits))
+            table.add_row(name, *(fmt(metrics.get(f"{s}/{name}", "")) for s in splits))
     Console().print(table)

@@ -54,3 +54,36 @@ def friendly_errors(fn: F) -> F:
             sys.exit(EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def checked(key: str, value: object, kind: type = float, lo: float | None = None,
+            hi: float | None = None, *, lo_open: bool = False, hint: str = "",
+            allow_none: bool = False):
+    """``value`` as ``kind`` within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else one sentence.
+
+    The one number check of the project: every config number a user can get wrong (an LR, a
+    batch size, a layer count, a probability) goes through here, so the message always names
+    the full key (``optimizer.lr``, ``strategy.trainable_layers``), what it must be and what it
+    got. ``allow_none`` lets ``null`` through as ``None`` (an optional setting).
+    """
+    import math
+
+    if value is None and allow_none:
+        return None
+    what = "an integer" if kind is int else "a number"
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        out = kind(value)
+        if kind is int and out != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {what}, got {value!r}{'; ' + hint if hint else ''}.") from None
+    bad = not math.isfinite(out) or (lo is not None and (out <= lo if lo_open else out < lo)) or (
+        hi is not None and out > hi)
+    if bad:
+        lo_s = "" if lo is None else (f"> {lo:g}" if lo_open else f">= {lo:g}")
+        hi_s = "" if hi is None else f"<= {hi:g}"
+        rng = " and ".join(s for s in (lo_s, hi_s) if s)
+        raise ConfigError(f"{key} must be {rng}, got {value!r}{'; ' + hint if hint else ''}.")
+    return out

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.errors import ConfigError, SftlabError
+from sftlab.secrets import scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ CONFIG_FILE = "sftlab_config.yaml"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 
-# Key names that hold credentials by convention. "token" counts only as the last word of a key
-# (token, hf_token, access_token, wandb.token) so that pad_token_from_eos or max_tokens stay.
-_SECRET = re.compile(
-    r"api[_-]?key|secret|passw(or)?d|credential|private[_-]?key|(^|[_\-.])token$",
-    re.IGNORECASE,
-)
 # Hub ids of checkpoints that sftlab ships offline (the model card's base_model must be a hub id).
 _EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _PRECISIONS = ("fp32", "bf16")
@@ -101,15 +96,6 @@ def export_model(
     (out / CARD_FILE).write_text(card, encoding="utf-8")
     log.info("Exported model to %s", out)
     return out
-
-
-def scrub_secrets(value: Any) -> Any:
-    """A copy of a nested dict/list without any key that names a credential (see ``_SECRET``)."""
-    if isinstance(value, Mapping):
-        return {k: scrub_secrets(v) for k, v in value.items() if not _SECRET.search(str(k))}
-    if isinstance(value, list | tuple):
-        return [scrub_secrets(v) for v in value]
-    return value
 
 
 def _plain(value: Any) -> Any:

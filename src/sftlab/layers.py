@@ -58,6 +58,16 @@ log = logging.getLogger(__name__)
 EMBEDDINGS, BLOCK, POOLER, HEAD = "embeddings", "block", "pooler", "head"
 
 
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied parameters counted once (the one counter)."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
 @dataclass(frozen=True)
 class Rule:
     """Where the parts of one architecture live.

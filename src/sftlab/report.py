@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sftlab.console import fmt
+
 COLUMNS = [
     "job", "strategy", "lr", "status", "val/acc", "val/f1_macro", "test/acc", "test/f1_macro",
     "trainable_params", "train_time_s", "train_samples_per_s", "peak_rss_mb", "overrides", "error",
@@ -75,15 +77,8 @@ _ONE_DECIMAL = ("train_time_s", "train_samples_per_s", "peak_rss_mb")
 
 
 def _fmt(v: Any, col: str = "") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float) and col in _ONE_DECIMAL:
-        return f"{v:.1f}"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.4f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v).replace("|", "\\|")
+    """A markdown table cell: :func:`sftlab.console.fmt`, with ``|`` escaped."""
+    return fmt(v, 1 if col in _ONE_DECIMAL else 4).replace("|", "\\|")
 
 
 #: more distinct LRs than this and the strategy × lr grid is skipped (a Bayesian sweep)

@@ -22,7 +22,7 @@ Interrupted. A run stopped by SIGTERM/SIGINT ends with :class:`RunInterrupted` (
 Secrets. API keys and tokens belong in the environment (``WANDB_API_KEY``, ``HF_TOKEN``) or in
 ``~/.netrc``. If one is given on the command line anyway, or interpolated into the config, it
 is kept out of everything a run writes: keys that name a credential are dropped from the saved
-and logged config (``sftlab.export.scrub_secrets``), and the *values* of such keys and of such
+and logged config (``sftlab.secrets``), and the *values* of such keys and of such
 environment variables are masked wherever else they appear (Hydra's ``.hydra/*.yaml`` copies of
 the command line, other config strings).
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -44,11 +43,8 @@ from sftlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MASK = "***"
 # what marks a finished run and what holds a run's results
 _RUN_MARKERS = ("config.yaml", "metrics.json", "checkpoints")
-# environment variables with a name like these hold credentials (WANDB_API_KEY, HF_TOKEN ...)
-_SECRET_ENV = re.compile(r"api[_-]?key|secret|passw(or)?d|credential|private[_-]?key|token", re.IGNORECASE)
 
 
 def is_rank_zero() -> bool:
@@ -220,65 +216,3 @@ def new_wandb_id(cfg: DictConfig) -> None:
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
         with open_dict(wandb):
             wandb.id = "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-# ----------------------------------------------------------------------------------- secrets
-def secret_values(config: Any, environ: dict[str, str] | None = None) -> set[str]:
-    """Values to mask: those of config keys that name a credential and of such env variables."""
-    from sftlab.export import _SECRET
-
-    found: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if _SECRET.search(str(k)) and isinstance(v, str | int) and not isinstance(v, bool):
-                    found.add(str(v))
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(config)
-    env = os.environ if environ is None else environ
-    found |= {v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8}
-    # short values ("", "0", "null") would mask half of every file
-    return {v for v in found if len(v) >= 4}
-
-
-def mask(text: str, values: set[str]) -> str:
-    for v in sorted(values, key=len, reverse=True):
-        text = text.replace(v, MASK)
-    return text
-
-
-def public_config(config: dict[str, Any], values: set[str]) -> dict[str, Any]:
-    """``config`` without credential keys, and with secret values masked in every string."""
-    from sftlab.export import scrub_secrets
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, str):
-            return mask(value, values)
-        return value
-
-    return walk(scrub_secrets(config))
-
-
-def mask_files(paths: list[Path], values: set[str]) -> None:
-    """Mask secret values in files already written (Hydra's ``.hydra/*.yaml``)."""
-    if not values:
-        return
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        masked = mask(text, values)
-        if masked != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(masked, encoding="utf-8")
-            os.replace(tmp, path)

@@ -20,10 +20,8 @@ was never stopped, because checkpoints carry the RNG states and the loader's pos
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sftlab.errors import ConfigError
+from sftlab.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +112,6 @@ def peak_rss_mb() -> float:
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(self_kb, child_kb) / 1024, 1)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (a sweep report) never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def save_confusion(confusion, label_names: list[str], out: Path) -> None:
@@ -215,13 +200,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from sftlab.checkpointing import AtomicCheckpointIO, remove_partial_checkpoints
     from sftlab.loggers import finish_wandb
     from sftlab.model import load_tokenizer
-    from sftlab.runs import (
-        is_rank_zero,
-        mask_files,
-        new_wandb_id,
-        public_config,
-        secret_values,
-    )
+    from sftlab.runs import is_rank_zero, new_wandb_id
+    from sftlab.secrets import mask_files, public_config, secret_values
 
     route_lightning_logs()
     out = output_dir(cfg)
