@@ -58,7 +58,7 @@ def friendly_errors(fn: F) -> F:
 
 def checked(key: str, value: object, kind: type = float, lo: float | None = None,
             hi: float | None = None, *, lo_open: bool = False, hint: str = "",
-            allow_none: bool = False):
+            allow_none: bool = False, positive: bool = False):
     """``value`` as ``kind`` within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else one sentence.
 
     The one number check of the project: every config number a user can get wrong (an LR, a
@@ -68,6 +68,8 @@ def checked(key: str, value: object, kind: type = float, lo: float | None = None
     """
     import math
 
+    if positive:
+        lo, lo_open = 0, True
     if value is None and allow_none:
         return None
     what = "an integer" if kind is int else "a number"
@@ -82,8 +84,11 @@ def checked(key: str, value: object, kind: type = float, lo: float | None = None
     bad = not math.isfinite(out) or (lo is not None and (out <= lo if lo_open else out < lo)) or (
         hi is not None and out > hi)
     if bad:
-        lo_s = "" if lo is None else (f"> {lo:g}" if lo_open else f">= {lo:g}")
-        hi_s = "" if hi is None else f"<= {hi:g}"
-        rng = " and ".join(s for s in (lo_s, hi_s) if s)
+        if positive:
+            rng = f"a positive {'integer' if kind is int else 'number'}"
+        else:
+            lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+            hi_s = "" if hi is None else f"<= {hi}"
+            rng = " and ".join(s for s in (lo_s, hi_s) if s)
         raise ConfigError(f"{key} must be {rng}, got {value!r}{'; ' + hint if hint else ''}.")
     return out

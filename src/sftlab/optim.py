@@ -16,21 +16,22 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, checked
 
 _NORM_NAMES = ("layernorm", "layer_norm", "rmsnorm", "ln_", "norm")
+
+
+def learning_rate(value: Any) -> float:
+    """``optimizer.lr`` validated: the one check, used up front (train's config checks) and here."""
+    if value is None:
+        raise ConfigError("The optimizer config needs an lr; set optimizer.lr=2e-5 (for example).")
+    return checked("optimizer.lr", value, float, positive=True, hint="try optimizer.lr=2e-5")
 
 
 def optimizer_lr(factory: Callable) -> float:
     """The base LR of an optimizer partial (``conf/optimizer/*.yaml: lr``), validated."""
     kw = factory.keywords if isinstance(factory, functools.partial) else {}
-    lr = kw.get("lr")
-    if lr is None:
-        raise ConfigError("The optimizer config needs an lr; set optimizer.lr=2e-5 (for example).")
-    lr = float(lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; try 2e-5.")
-    return lr
+    return learning_rate(kw.get("lr"))
 
 
 def no_decay_names(model) -> set[str]:

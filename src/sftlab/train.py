@@ -21,14 +21,13 @@ was never stopped, because checkpoints carry the RNG states and the loader's pos
 from __future__ import annotations
 
 import logging
-import math
 import resource
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, checked
 from sftlab.files import write_json
 
 log = logging.getLogger(__name__)
@@ -90,13 +89,11 @@ def route_lightning_logs() -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks before anything is loaded, so a typo costs seconds, not an epoch."""
-    lr = cfg.optimizer.get("lr")
-    if lr is None or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; try optimizer.lr=2e-5.")
+    from sftlab.optim import learning_rate
+
+    learning_rate(cfg.optimizer.get("lr"))
     for key in ("batch_size", "eval_batch_size"):
-        v = cfg.data.get(key)
-        if v is None or int(v) <= 0:
-            raise ConfigError(f"data.{key} must be a positive integer, got {v}.")
+        checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     if int(cfg.model.get("max_length", 1)) <= 0:
         raise ConfigError(f"model.max_length must be positive, got {cfg.model.max_length}.")
 
