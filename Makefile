@@ -1,19 +1,51 @@
 # sftlab: `make install` once, then `make train`, `make test`.
-PYTHON ?= python
+#
+# `make install` creates the project's virtual environment .venv (system Pythons on Debian 12 /
+# Ubuntu 24.04 refuse a global pip install, PEP 668) and every target runs in it. To install
+# into the Python you are in instead (a conda env, an active venv): make install VENV=
+VENV ?= .venv
+# the Python that creates .venv: python3, else python (some images have only one of them)
+BOOTSTRAP ?= $(shell command -v python3 2>/dev/null || command -v python 2>/dev/null)
+ifeq ($(strip $(VENV)),)
+PYTHON ?= $(BOOTSTRAP)
+else
+PYTHON ?= $(VENV)/bin/python
+endif
+# torch: this release, the CPU build where there is no NVIDIA GPU (download.pytorch.org's CPU
+# index when it is reachable, else whatever the configured indexes hold; never a CUDA build
+# pulled in by accident); on a GPU machine the default (CUDA) build of the same release
+TORCH ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 # make report: the sweep dir to report on (default: the most recent multirun dir under outputs/)
 DIR ?= $(shell ls -td outputs/*/multirun/*/ 2>/dev/null | head -1)
 # make wandb-sweep: the W&B sweep file to register
 SWEEP ?= sweeps/lr_strategy.yaml
 
-.PHONY: install train test test-all lint format clean bench strategies report wandb-sweep help
+.PHONY: distclean install train test test-all lint format clean bench strategies report wandb-sweep help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## install sftlab (editable) with dev tools; torch from the CPU build 2.13.0
-	$(PYTHON) -m pip install "torch==2.13.0"
+install:  ## create .venv and install sftlab (editable) with dev tools; the CPU torch where there is no GPU
+	@test -n "$(BOOTSTRAP)" || { \
+	  echo "error: no python3 or python on PATH; install Python >= 3.10 first." >&2; exit 2; }
+	@if [ -n "$(VENV)" ] && [ ! -x "$(VENV)/bin/python" ]; then \
+	  echo "creating $(VENV) with $(BOOTSTRAP)"; \
+	  $(BOOTSTRAP) -m venv $(VENV) 2>/dev/null \
+	  || { rm -rf $(VENV) && $(BOOTSTRAP) -m venv --without-pip $(VENV) \
+	       && $(BOOTSTRAP) -m pip --python $(VENV)/bin/python install -q pip; } \
+	  || { rm -rf $(VENV); echo "error: $(BOOTSTRAP) cannot create a virtual environment (no venv/ensurepip); install it (Debian/Ubuntu: apt-get install python3-venv) or install into the current Python with: make install VENV=" >&2; exit 2; }; \
+	fi
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PYTHON) -m pip install "torch==$(TORCH)"; \
+	else \
+	  $(PYTHON) -m pip install --retries 0 --timeout 20 --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH)" \
+	  || $(PYTHON) -m pip install "torch==$(TORCH)"; \
+	fi
 	$(PYTHON) -m pip install -e ".[dev]"
+	@$(PYTHON) -c "import torch, sftlab; print('installed: torch', torch.__version__, '| sftlab', sftlab.__version__, '| python', '$(PYTHON)')"
+	@test -z "$(VENV)" || echo "every make target uses $(VENV); to run python train.py yourself: . $(VENV)/bin/activate"
 
 train:  ## train with the default recipe (override with ARGS="strategy=gradual ...")
 	$(PYTHON) train.py $(ARGS)
@@ -35,7 +67,7 @@ report:  ## sweep report (table + charts) of DIR=outputs/<task>/multirun/<time> 
 	$(PYTHON) -m sftlab.report $(DIR)
 
 wandb-sweep:  ## register a W&B sweep (SWEEP=sweeps/lr_strategy.yaml); then run `wandb agent <id>`
-	wandb sweep $(SWEEP)
+	$(PYTHON) -m wandb sweep $(SWEEP)
 
 lint:  ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks *.py
@@ -45,5 +77,8 @@ format:  ## ruff format + import order
 
 clean:  ## remove run outputs and caches (keeps outputs/.gitkeep)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
-	rm -rf .cache .pytest_cache .ruff_cache wandb lightning_logs
+	rm -rf .cache .pytest_cache .ruff_cache wandb lightning_logs  # .venv stays: make distclean
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean  ## clean, and remove the virtual environment
+	rm -rf $(VENV)
