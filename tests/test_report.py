@@ -74,3 +74,80 @@ def test_grid_cells_show_each_jobs_status(tmp_path):
     md = (report(sweep) / "results.md").read_text()
     assert "| full | 0.8000 | interrupted |" in md
     assert "Best val/acc: job 0 (full, lr 1e-05)" in md
+
+
+def study_job(sweep: Path, num: int, strategy: str, lr: float, seed: int, metrics: dict | None,
+              lr_scale: float | None = None) -> None:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"seed={seed}"]))
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"strategy": strategy}}}}))
+    optimizer = {"lr": lr} if lr_scale is None else {"lr": "${strategy.lr}", "lr_scale": lr_scale}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": seed, "optimizer": optimizer, "strategy": {"lr": lr}}))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps({"status": "completed", **metrics}))
+
+
+def test_study_means_cis_and_paired_differences_match_scipy(tmp_path):
+    """cells.csv / strategies.csv on hand-made numbers equal a direct scipy computation."""
+    import numpy as np
+    from scipy import stats
+
+    sweep = tmp_path / "sweep"
+    full = {1: (0.90, 0.895), 2: (0.91, 0.902), 3: (0.905, 0.899)}     # seed: (val, test)
+    lora_lo = {1: (0.85, 0.84), 2: (0.86, 0.85), 3: (0.84, 0.845)}      # lora at 1e-4
+    lora_hi = {1: (0.89, 0.88), 2: (0.895, 0.889), 3: (0.9, 0.884)}     # lora at 4e-4: chosen
+    num = 0
+    for name, lr, table, t in (("full", 2e-5, full, 300.0), ("lora", 1e-4, lora_lo, 200.0),
+                               ("lora", 4e-4, lora_hi, 200.0)):
+        for seed, (val, test) in table.items():
+            # lora's LR through the interpolation and lr_scale (0.5 x 8e-4 = 4e-4)
+            scale = 0.5 if (name, lr) == ("lora", 4e-4) else None
+            study_job(sweep, num, name, lr * 2 if scale else lr, seed,
+                      {"val/acc": val, "test/acc": test, "train_time_s": t + seed, "trainable_params": 7},
+                      lr_scale=scale)
+            num += 1
+    study_job(sweep, num, "lora", 4e-4, 4, None)  # died: counted as failed, never averaged
+    out = report(sweep)
+    with open(out / "cells.csv", encoding="utf-8") as fh:
+        cells = {(r["strategy"], float(r["lr"])): r for r in csv.DictReader(fh)}
+    assert set(cells) == {("full", 2e-5), ("lora", 1e-4), ("lora", 4e-4)}
+    hi = cells[("lora", 4e-4)]
+    assert (hi["n"], hi["failed"]) == ("3", "1")
+    test = np.array([lora_hi[s][1] for s in (1, 2, 3)])
+    mean, sem = test.mean(), stats.sem(test)
+    lo_ci, hi_ci = stats.t.interval(0.95, len(test) - 1, loc=mean, scale=sem)
+    assert float(hi["test/acc_mean"]) == pytest.approx(mean)
+    assert float(hi["test/acc_std"]) == pytest.approx(test.std(ddof=1))
+    assert (float(hi["test/acc_ci_low"]), float(hi["test/acc_ci_high"])) == pytest.approx((lo_ci, hi_ci))
+    assert float(hi["train_time_s_mean"]) == pytest.approx(202.0)
+
+    with open(out / "strategies.csv", encoding="utf-8") as fh:
+        strat = {r["strategy"]: r for r in csv.DictReader(fh)}
+    assert float(strat["lora"]["lr"]) == pytest.approx(4e-4)  # chosen on validation, not test
+    diffs = np.array([lora_hi[s][1] - full[s][1] for s in (1, 2, 3)])
+    d_lo, d_hi = stats.t.interval(0.95, 2, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert float(strat["lora"]["diff_vs_full_mean"]) == pytest.approx(diffs.mean())
+    assert (float(strat["lora"]["diff_vs_full_ci_low"]), float(strat["lora"]["diff_vs_full_ci_high"])) \
+        == pytest.approx((d_lo, d_hi))
+    assert strat["lora"]["verdict"] == ("worse" if d_hi < 0 else "within noise")
+    assert strat["full"]["verdict"] == "baseline"
+    md = (out / "README.md").read_text()
+    assert "Recommended: **" in md and "1 failed or unfinished" in md
+    for png in ("val_vs_lr.png", "cost_accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recommendation_is_the_cheapest_within_noise_on_validation():
+    from sftlab.report.study import cells, recommend, strategies
+
+    rows = []
+    for name, vals, t in (("full", [0.90, 0.91, 0.92], 300), ("head_only", [0.905, 0.90, 0.925], 30),
+                          ("bitfit", [0.80, 0.81, 0.82], 10)):
+        for seed, v in enumerate(vals):
+            rows.append({"job": f"{name}{seed}", "strategy": name, "lr": 1e-3, "seed": seed, "status": "completed",
+                         "metrics": {"val/acc": v, "test/acc": v - 0.01}, "train_time_s": t, "trainable_params": 1})
+    pick, sentence = recommend(strategies(cells(rows), "acc"), "acc")
+    # bitfit is cheapest but clearly worse; head_only is within noise of full and 10x cheaper
+    assert pick["strategy"] == "head_only" and "head_only" in sentence
