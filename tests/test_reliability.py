@@ -510,17 +510,18 @@ def test_parallel_runs_tokenizing_the_same_data_share_one_cache_entry(tmp_path, 
         import hashlib, json, sys, time
         from pathlib import Path
         import sftlab.data as data
+        import sftlab.data.cache as data_cache
         from transformers import AutoTokenizer
 
         me, barrier = sys.argv[1], Path({str(tmp_path)!r})
-        save = data._quiet_save
+        save = data_cache._quiet_save
         def racing_save(ds, path):  # both processes reach the publish step before either publishes
             (barrier / f"ready{{me}}").touch()
             deadline = time.time() + 120
             while len(list(barrier.glob("ready*"))) < 2 and time.time() < deadline:
                 time.sleep(0.01)
             save(ds, path)
-        data._quiet_save = racing_save
+        data_cache._quiet_save = racing_save
         dm = data.TextClassificationDataModule(AutoTokenizer.from_pretrained({str(tiny_model_dir)!r}),
             train_file={str(tiny_data['train'])!r}, validation_file={str(tiny_data['validation'])!r},
             cache_dir={str(cache)!r}, max_length=32, splits=["train"])
