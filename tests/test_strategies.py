@@ -220,7 +220,7 @@ def test_describe_rows(name):
 
 
 def test_trainable_params_counts():
-    from sftlab.strategies import trainable_params
+    from sftlab.layers import count_params as trainable_params
 
     model = make("head_only").setup(tiny_model("bert"))
     trainable, total = trainable_params(model)

@@ -133,10 +133,6 @@ class Part:
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.params)
 
-    @property
-    def depth_from_top(self) -> int:
-        return self.depth
-
     def __repr__(self) -> str:
         return f"Part({self.name!r}, kind={self.kind!r}, depth={self.depth}, params={len(self.params)})"
 

@@ -302,15 +302,11 @@ class TextClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> dict[str, Any]:
-        from sftlab.optim import build_param_groups, optimizer_lr
+        from sftlab.optim import build_optimizer
 
         if self.optimizer_factory is None:
             raise ConfigError("No optimizer configured; add optimizer=adamw.")
-        lr = optimizer_lr(self.optimizer_factory)
-        groups = self.strategy.param_groups(self.model, lr) if self.strategy is not None else [
-            {"name": "all", "params": list(self.model.named_parameters()), "lr": lr}
-        ]
-        optimizer = self.optimizer_factory(build_param_groups(self.model, groups, self.optimizer_factory))
+        optimizer = build_optimizer(self.model, self.strategy, self.optimizer_factory)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total = self.trainer.estimated_stepping_batches
@@ -340,12 +336,14 @@ class TextClassifier(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         from sftlab.console import print_parts_table
+        from sftlab.layers import count_params
+        from sftlab.optim import part_lrs
 
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        trainable, total = count_params(self.model)
         if self.strategy is not None and self.trainer.is_global_zero:
-            lr = optimizer_lr_or_none(self.optimizer_factory)
-            print_parts_table(self.strategy.describe(self.model, lr), title=f"strategy: {self.strategy.name}")
+            # the LRs the optimizer got (configure_optimizers ran before on_fit_start)
+            lrs = {k: v for opt in self.trainer.optimizers for k, v in part_lrs(opt).items()}
+            print_parts_table(self.strategy.describe(self.model, lrs), title=f"strategy: {self.strategy.name}")
         for logger in self.loggers:
             logger.log_metrics(
                 {"trainable_params": trainable, "trainable_fraction": trainable / max(total, 1)}, step=0
@@ -361,12 +359,6 @@ def _gather_lists(items: list) -> list:
     parts: list[list | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in (part or [])]
-
-
-def optimizer_lr_or_none(factory: Callable | None) -> float | None:
-    from sftlab.optim import optimizer_lr
-
-    return optimizer_lr(factory) if factory is not None else None
 
 
 def _check_max_length(model, max_length: int, name: str) -> None:

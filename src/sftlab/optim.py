@@ -1,12 +1,14 @@
 """Optimizer and scheduler from config.
 
-The optimizer config is a ``_partial_`` of any ``torch.optim`` class; this module turns the
-strategy's parameter groups (one per part, each with its LR) into torch parameter groups with
-weight decay split the way BERT was trained and the HF Trainer does it: biases and
-normalization weights get no decay. The scheduler is ``transformers.get_scheduler`` with warmup
-given as a *ratio* of the total optimizer steps, which Lightning knows
-(``trainer.estimated_stepping_batches``) only once the trainer is attached; so the scheduler
-config is a partial too, completed in ``configure_optimizers``.
+The optimizer config is a ``_partial_`` of any ``torch.optim`` class. ``build_optimizer``
+follows fastai's ``opt_func(splitter(model), lr=lr)``: it reads the LR and weight decay once,
+asks the strategy for its parameter groups (one per part that ever trains, each at
+``lr * lr_decay ** depth``), splits each into decay / no-decay groups the way BERT was trained
+and the HF Trainer does it (biases and normalization weights get no decay), and calls the
+partial on them. The scheduler is ``transformers.get_scheduler`` with warmup given as a *ratio*
+of the total optimizer steps, which Lightning knows (``trainer.estimated_stepping_batches``)
+only once the trainer is attached; so the scheduler config is a partial too, completed in
+``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from sftlab.errors import ConfigError, checked
 
 _NORM_NAMES = ("layernorm", "layer_norm", "rmsnorm", "ln_", "norm")
+_NO_DECAY = "/no_decay"
 
 
 def learning_rate(value: Any) -> float:
@@ -28,10 +31,30 @@ def learning_rate(value: Any) -> float:
     return checked("optimizer.lr", value, float, positive=True, hint="try optimizer.lr=2e-5")
 
 
-def optimizer_lr(factory: Callable) -> float:
-    """The base LR of an optimizer partial (``conf/optimizer/*.yaml: lr``), validated."""
+def build_optimizer(model, strategy, factory: Callable):
+    """The optimizer over what ``strategy`` trains (every parameter when ``strategy`` is None).
+
+    ``factory`` is the optimizer partial (``conf/optimizer/*.yaml``); its ``lr`` and
+    ``weight_decay`` are read here, once, and every group carries its own. Group names
+    (``block.5``, ``block.5/no_decay``) are kept in the torch groups, so ``LearningRateMonitor``,
+    our logs and the parts table show each part's LR by name.
+    """
     kw = factory.keywords if isinstance(factory, functools.partial) else {}
-    return learning_rate(kw.get("lr"))
+    lr = learning_rate(kw.get("lr"))
+    weight_decay = float(kw.get("weight_decay", 0.0) or 0.0)
+    groups = strategy.param_groups(model, lr) if strategy is not None else [
+        {"name": "all", "params": list(model.named_parameters()), "lr": lr}
+    ]
+    return factory(split_decay(model, groups, weight_decay))
+
+
+def part_lrs(optimizer) -> dict[str, float]:
+    """Part name -> the base LR the optimizer gives it (before the scheduler's factor)."""
+    out = {}
+    for group in optimizer.param_groups:
+        name = str(group.get("name", ""))
+        out[name.removesuffix(_NO_DECAY)] = float(group.get("initial_lr", group["lr"]))
+    return out
 
 
 def no_decay_names(model) -> set[str]:
@@ -48,14 +71,8 @@ def no_decay_names(model) -> set[str]:
     return names
 
 
-def build_param_groups(model, groups: Iterable[dict[str, Any]], factory: Callable) -> list[dict[str, Any]]:
-    """Split each strategy group into decay / no-decay torch groups, keeping name and LR.
-
-    Group names (``block.5``, ``block.5/no_decay``) are kept in the torch groups, so
-    ``LearningRateMonitor`` and our logs show each part's LR by name.
-    """
-    kw = factory.keywords if isinstance(factory, functools.partial) else {}
-    weight_decay = float(kw.get("weight_decay", 0.0) or 0.0)
+def split_decay(model, groups: Iterable[dict[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+    """Split each strategy group into decay / no-decay torch groups, keeping name and LR."""
     skip = no_decay_names(model)
     out = []
     seen: set[int] = set()
@@ -66,7 +83,7 @@ def build_param_groups(model, groups: Iterable[dict[str, Any]], factory: Callabl
                 raise ValueError(f"parameter {name} is in two strategy groups")
             seen.add(id(param))
             (plain if name in skip else decay).append(param)
-        for params, wd, suffix in ((decay, weight_decay, ""), (plain, 0.0, "/no_decay")):
+        for params, wd, suffix in ((decay, weight_decay, ""), (plain, 0.0, _NO_DECAY)):
             if params:
                 out.append({"params": params, "lr": float(group["lr"]), "weight_decay": wd,
                             "name": f"{group['name']}{suffix}"})
