@@ -49,7 +49,7 @@ def export_embedded(out: Path, max_length: int) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sftlab.export import export_model
+    from sftlab.deploy import export_model
     from sftlab.resolvers import embedded_model_path
 
     if (out / "config.json").is_file():
@@ -77,7 +77,7 @@ def main() -> None:
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    from sftlab.export import Classifier, resolve_model_dir
+    from sftlab.deploy import Classifier, resolve_model_dir
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -49,7 +49,7 @@ def build_tiny_export(out: Path, config: dict | None = TINY_CONFIG, metrics: dic
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from sftlab.export import export_model
+    from sftlab.deploy import export_model
     from sftlab.resolvers import embedded_model_path
 
     tok = AutoTokenizer.from_pretrained(embedded_model_path())

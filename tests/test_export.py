@@ -136,7 +136,7 @@ def test_classifier_matches_transformers(exported):
 def test_order_preserved_with_length_sorting(exported):
     import numpy as np
 
-    from sftlab.export import Classifier
+    from sftlab.deploy import Classifier
 
     base = ag_news_texts(12)
     rng = random.Random(3)
@@ -149,8 +149,8 @@ def test_order_preserved_with_length_sorting(exported):
 
 
 def test_classifier_api_details(exported, tmp_path):
+    from sftlab.deploy import Classifier
     from sftlab.errors import SftlabError
-    from sftlab.export import Classifier
 
     run = tmp_path / "run"
     shutil.copytree(exported, run / "model")
@@ -172,9 +172,22 @@ def test_classifier_api_details(exported, tmp_path):
 
 
 def test_bf16_is_close(exported):
-    from sftlab.export import Classifier
+    from sftlab.deploy import Classifier
 
     texts = ag_news_texts(8)
     fp32 = Classifier.load(exported).predict_proba(texts)
     bf16 = Classifier.load(exported, precision="bf16").predict_proba(texts)
     assert abs(fp32 - bf16).max() < 0.05
+
+
+def test_deploy_does_not_import_lightning():
+    """A deployed model needs torch and transformers only: the deploy package stays off Lightning."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sftlab.deploy, sftlab.deploy.predict, sftlab.deploy.serve; "
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clf(exported):
-    from sftlab.export import Classifier
+    from sftlab.deploy import Classifier
 
     return Classifier.load(exported)
 
@@ -122,8 +122,8 @@ def test_errors_are_one_line(exported, args, message):
 
 
 def test_read_file_formats(tmp_path):
+    from sftlab.deploy.predict import read_file
     from sftlab.errors import SftlabError
-    from sftlab.predict import read_file
 
     (tmp_path / "a.tsv").write_text("label\ttext\n1\thello, world\n2\tbye\n", encoding="utf-8")
     assert read_file(tmp_path / "a.tsv") == ["hello, world", "bye"]
@@ -145,7 +145,7 @@ def test_quote_text_args():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from sftlab.predict import quote_text_args
+    from sftlab.deploy.predict import quote_text_args
 
     parser = OverridesParser.create()
     for text in ["Hello, world", "It's \"fine\"", "a\\b", "x=${y}", "[1,2]", "ends\\", "null", "",

@@ -85,7 +85,7 @@ def test_health_and_labels(server, exported):
 
 
 def test_predict_matches_classifier(server, exported):
-    from sftlab.export import Classifier
+    from sftlab.deploy import Classifier
 
     res = server.post("/predict", json={"texts": TEXTS})
     assert res.status_code == 200, res.text

@@ -15,7 +15,7 @@ __all__ = ["Classifier", "__version__"]
 
 def __getattr__(name: str):
     if name == "Classifier":
-        from sftlab.export import Classifier
+        from sftlab.deploy import Classifier
 
         return Classifier
     raise AttributeError(f"module 'sftlab' has no attribute {name!r}")

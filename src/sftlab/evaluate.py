@@ -45,7 +45,7 @@ def load_module(cfg: DictConfig):
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
     if cfg.get("model_dir"):
-        from sftlab.export import resolve_model_dir
+        from sftlab.deploy import resolve_model_dir
 
         model_dir = resolve_model_dir(cfg.model_dir)
         trained = _trained_config(model_dir, None)

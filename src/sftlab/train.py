@@ -273,7 +273,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             save_results(cfg, out, module, label_names, metrics, trainer.loggers)
             if cfg.get("export"):
-                from sftlab.export import export_model
+                from sftlab.deploy import export_model
 
                 export_model(
                     strategy.export_model(module.model), tokenizer, out / "model",

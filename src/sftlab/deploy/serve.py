@@ -1,4 +1,4 @@
-"""An HTTP service around :class:`sftlab.export.Classifier`: ``create_app(model_dir)`` -> FastAPI.
+"""An HTTP service around :class:`sftlab.deploy.Classifier`: ``create_app(model_dir)`` -> FastAPI.
 
 Why this shape: the model is loaded once, when the app is created, so a bad ``model_dir`` fails
 at startup rather than on the first request; requests are checked before they reach the model
@@ -25,15 +25,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sftlab.errors import ConfigError, SftlabError
+from sftlab.errors import ConfigError, SftlabError, checked
 
 log = logging.getLogger(__name__)
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer.")
-    return value
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
@@ -77,10 +71,10 @@ def create_app(
         raise SftlabError("Serving needs fastapi and uvicorn; install them with "
                           "pip install 'sftlab[serve]'.") from None
 
-    from sftlab.export import Classifier
+    from sftlab.deploy.predictor import Classifier
 
-    max_batch = _positive("max_batch", max_batch)
-    max_text_chars = _positive("max_text_chars", max_text_chars)
+    max_batch = checked("max_batch", max_batch, int, positive=True)
+    max_text_chars = checked("max_text_chars", max_text_chars, int, positive=True)
     clf = Classifier.load(model_dir, device=device, precision=precision, max_length=max_length)
     lock = threading.Lock()
     # a request can hold at most max_batch texts of max_text_chars (4 bytes per char in UTF-8,
@@ -175,9 +169,7 @@ def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()
-    port = cfg.get("port", 8000)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port={port!r} must be an integer from 0 to 65535.")
+    port = checked("port", cfg.get("port", 8000), int, lo=0, hi=65535)
     app = create_app(
         str(cfg.model_dir),
         max_batch=cfg.get("max_batch", 64),

@@ -4,8 +4,8 @@ Why JSON lines on stdout and nothing else there: the output is meant for pipes
 (``... | python predict.py model_dir=run | jq .label``), so every log line, warning and error
 goes to stderr, and Hydra is configured (conf/predict.yaml) to write no files and keep the cwd.
 
-Inputs are read (and checked) before the model is loaded, so a wrong path or column fails in
-about a second instead of after loading the weights. Structured files (.csv, .tsv, .jsonl,
+Inputs are read (and checked) before the model is loaded, so a wrong path or column fails at
+once instead of after loading the weights. Structured files (.csv, .tsv, .jsonl,
 .json) give one record per row, in row order, so outputs line up with inputs; in .txt files and
 on stdin blank lines are skipped (each record carries its ``text``).
 """
@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig
 
-from sftlab.errors import ConfigError, SftlabError
+from sftlab.errors import ConfigError, SftlabError, checked
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +183,19 @@ def predict(cfg: DictConfig) -> int:
     if not cfg.get("model_dir"):
         raise ConfigError("model_dir is required: python predict.py model_dir=<run dir or model folder> "
                           'text="...".')
-    from sftlab.export import resolve_model_dir
+    from sftlab.deploy.export import resolve_model_dir
 
     model_dir = resolve_model_dir(str(cfg.model_dir))
     texts, source = read_texts(cfg)
     if not texts:
         log.warning("No texts in %s; nothing to predict.", source)
         return 0
-    top_k = cfg.get("top_k")
-    batch_size = cfg.get("batch_size") or 64
-    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name}={value!r} must be a positive integer.")
+    top_k = checked("top_k", cfg.get("top_k"), int, positive=True, allow_none=True)
+    batch_size = checked("batch_size", cfg.get("batch_size") or 64, int, positive=True)
 
     from transformers.utils import logging as hf_logging
 
-    from sftlab.export import Classifier
+    from sftlab.deploy.predictor import Classifier
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise for a CLI
     clf = Classifier.load(model_dir, device=cfg.get("device"), precision=cfg.get("precision") or "fp32",
