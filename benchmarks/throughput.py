@@ -116,9 +116,9 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     """(b) a plain PyTorch loop: AdamW, linear warmup/decay, clip 1.0, nothing else.
 
     With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
-    model-level kernels (``model.fast_dropout``) and heap policy (the ``release_memory``
-    callback's, driven by hand), so its wall time is the floor that sftlab's own loop is
-    measured against: the difference is the framework, nothing else.
+    model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``) and heap policy (the
+    ``perf.release_memory`` callback's, driven by hand), so its wall time is the floor that
+    sftlab's own loop is measured against: the difference is the framework, nothing else.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -131,10 +131,10 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     train = load_split(tok, "train", args.max_length).with_format("torch")
     collate = DataCollatorWithPadding(tok)
     bf16 = sftlab_batches and args.default_precision.startswith("bf16")
-    if sftlab_batches and args.default_fast_dropout:
-        from sftlab.fast_dropout import use_fast_dropout
+    if sftlab_batches and args.default_fast_dropout is not None:
+        from sftlab.perf import use_fast_dropout
 
-        use_fast_dropout(model)
+        use_fast_dropout(model, **args.default_fast_dropout)
     if sftlab_batches:
         lengths = [len(x) for x in train.with_format(None)["input_ids"]]
         loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
@@ -148,7 +148,7 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     model.train()
     memory = None
     if sftlab_batches and args.default_release_memory is not None:
-        from sftlab.callbacks import ReleaseFreeMemory
+        from sftlab.perf import ReleaseFreeMemory
 
         memory = ReleaseFreeMemory(**args.default_release_memory)
         memory.setup(None, None, "fit")
@@ -211,6 +211,14 @@ def run_sftlab(args, steps: int | None, extra: list[str], evaluate: bool = False
         return out
 
 
+def _perf_options(defaults, name: str) -> dict | None:
+    """The options of the default config's ``perf.<name>`` callback, or None when it is off."""
+    entry = (defaults.get("perf") or {}).get(name)
+    if entry is None or entry.get("enable", True) is False:
+        return None
+    return {k: v for k, v in entry.items() if k not in ("_target_", "enable")}
+
+
 def main() -> None:
     import torch
 
@@ -236,10 +244,8 @@ def main() -> None:
 
         args.steps = -(-len(pd.read_csv(DATA / "train.csv")) // args.batch_size)
     args.default_precision = str(defaults.trainer.precision)
-    args.default_fast_dropout = bool(defaults.model.get("fast_dropout", False))
-    release = defaults.callbacks.get("release_memory")
-    args.default_release_memory = ({k: v for k, v in release.items() if k != "_target_"}
-                                   if release is not None else None)
+    args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
+    args.default_release_memory = _perf_options(defaults, "release_memory")
     arms = args.arms.split(",")
     fns = {
         "hf": lambda: run_hf(args, args.steps),

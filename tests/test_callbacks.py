@@ -9,6 +9,7 @@ import types
 import torch
 
 from sftlab import callbacks
+from sftlab.perf import heap
 
 
 def test_train_time_excludes_validation_and_the_checkpointing_after_it(monkeypatch):
@@ -52,7 +53,7 @@ def test_train_time_excludes_validation_and_the_checkpointing_after_it(monkeypat
 
 
 def test_release_free_memory_trims_every_n_steps_and_after_validation():
-    c = callbacks.ReleaseFreeMemory(every_n_steps=3, max_growth_mb=None)
+    c = heap.ReleaseFreeMemory(every_n_steps=3, max_growth_mb=None)
     assert c._trim is not None  # glibc here (Linux CI)
     calls = []
     c._trim = calls.append
@@ -61,16 +62,16 @@ def test_release_free_memory_trims_every_n_steps_and_after_validation():
     assert len(calls) == 2  # after batches 3 and 6
     c.on_validation_end(None, None)
     assert calls == [0, 0, 0]
-    assert callbacks._glibc().malloc_trim(0) in (0, 1)  # the real call works
+    assert heap._glibc().malloc_trim(0) in (0, 1)  # the real call works
 
 
 def test_release_free_memory_trims_when_resident_memory_grew(monkeypatch):
     """The growth bound: a trim as soon as RSS is max_growth_mb above what the last trim left."""
-    real_reading = callbacks._resident_bytes()
+    real_reading = heap._resident_bytes()
     assert 0 < real_reading < 64 * 2**30  # Linux: /proc/self/statm
     rss = {"now": 1000 * 2**20}
-    monkeypatch.setattr(callbacks, "_resident_bytes", lambda: rss["now"])
-    c = callbacks.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=100)
+    monkeypatch.setattr(heap, "_resident_bytes", lambda: rss["now"])
+    c = heap.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=100)
     calls = []
 
     def trim(pad):  # the trim hands 60 MiB back
@@ -91,7 +92,7 @@ def test_release_free_memory_trims_when_resident_memory_grew(monkeypatch):
     rss["now"] += 2 * 2**20
     c.on_train_batch_end(None, None, None, None, 4)
     assert calls == [0, 0]
-    off = callbacks.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=None)
+    off = heap.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=None)
     off._trim = calls.append
     rss["now"] += 10**12
     off.on_train_batch_end(None, None, None, None, 0)
@@ -119,7 +120,7 @@ def _faults_touching_a_fresh_block(libc, nbytes: int = 64 * 2**20) -> int:
 def test_release_free_memory_keeps_big_blocks_for_fit_only():
     """During fit a freed 64 MB block is reused without page faults; before and after, glibc
     maps it afresh (16k faults): the policy is scoped to training, also when fit raises."""
-    c = callbacks.ReleaseFreeMemory(every_n_steps=0)
+    c = heap.ReleaseFreeMemory(every_n_steps=0)
     libc = c._libc
     pages = 64 * 2**20 // 4096
     assert _faults_touching_a_fresh_block(libc) > pages // 2
@@ -132,6 +133,6 @@ def test_release_free_memory_keeps_big_blocks_for_fit_only():
     c.setup(None, None, "fit")
     c.on_exception(None, None, RuntimeError("boom"))
     assert _faults_touching_a_fresh_block(libc) > pages // 2
-    off = callbacks.ReleaseFreeMemory(keep_big_blocks=False)
+    off = heap.ReleaseFreeMemory(keep_big_blocks=False)
     off.setup(None, None, "fit")
     assert _faults_touching_a_fresh_block(libc) > pages // 2

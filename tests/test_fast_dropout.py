@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_layers import one_thread, tiny_model  # noqa: F401
 
-from sftlab import fast_dropout as fd
-from sftlab.fast_dropout import FastDropout, use_fast_dropout
+from sftlab.perf import attention as attn
+from sftlab.perf import dropout as fd
+from sftlab.perf.dropout import FastDropout, use_fast_dropout
 
 
 def test_fast_dropout_statistics_and_gradient():
@@ -96,7 +97,7 @@ def test_attention_equals_sdpa_when_nothing_is_dropped(case, keep_everything):
             "no_mask": None, "causal": None}[case]
     module = _Module(is_causal=case == "causal").train()
     p = 0.25
-    ours, _ = fd.attention(module, q, k, v, mask, dropout=p, scaling=0.3)
+    ours, _ = attn.attention(module, q, k, v, mask, dropout=p, scaling=0.3)
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
     assert ours.shape == ref.shape == (2, 7, 3, 8)
     torch.testing.assert_close(ours * (1 - p), ref, atol=1e-5, rtol=1e-5)
@@ -104,18 +105,18 @@ def test_attention_equals_sdpa_when_nothing_is_dropped(case, keep_everything):
 
 def test_additive_mask_is_converted_once_per_mask_and_follows_changes():
     attend = torch.tensor([[True, True, False], [True, False, False]])[:, None, None, :]
-    first = fd.additive_mask(attend, torch.bfloat16)
-    assert fd.additive_mask(attend, torch.bfloat16) is first  # every layer of one forward: cached
+    first = attn.additive_mask(attend, torch.bfloat16)
+    assert attn.additive_mask(attend, torch.bfloat16) is first  # every layer of one forward: cached
     assert torch.equal(first == 0, attend)
     assert first.min().item() == torch.finfo(torch.bfloat16).min
-    assert fd.additive_mask(attend, torch.float32).dtype == torch.float32  # another dtype: converted
+    assert attn.additive_mask(attend, torch.float32).dtype == torch.float32  # another dtype: converted
     attend[0, 0, 0, 2] = True  # changed in place: the version counter invalidates the cache
-    assert torch.equal(fd.additive_mask(attend, torch.bfloat16) == 0, attend)
+    assert torch.equal(attn.additive_mask(attend, torch.bfloat16) == 0, attend)
     other = attend.clone()  # an equal but different tensor: converted anew, same values
-    assert fd.additive_mask(other, torch.bfloat16) is not fd.additive_mask(attend, torch.bfloat16)
+    assert attn.additive_mask(other, torch.bfloat16) is not attn.additive_mask(attend, torch.bfloat16)
     # the probabilities are those of masked_fill: masked scores get exactly 0 after softmax
     scores = torch.randn(2, 1, 1, 3)
-    a = torch.softmax(scores + fd.additive_mask(attend, torch.float32), -1)
+    a = torch.softmax(scores + attn.additive_mask(attend, torch.float32), -1)
     b = torch.softmax(scores.masked_fill(~attend, torch.finfo(torch.float32).min), -1)
     assert torch.equal(a, b)
 
@@ -124,13 +125,13 @@ def test_attention_drops_probabilities_and_delegates_outside_its_case():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
     v = torch.eye(64)[None, None]  # the output *is* the (dropped) probability matrix
-    out, _ = fd.attention(_Module(False).train(), q, k, v, None, dropout=0.5)
+    out, _ = attn.attention(_Module(False).train(), q, k, v, None, dropout=0.5)
     probs = out.transpose(1, 2)
     assert (probs == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
     # p == 0 (evaluation) is transformers' SDPA, bit for bit
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    a, _ = fd.attention(_Module(False).eval(), q, k, v, None, dropout=0.0)
+    a, _ = attn.attention(_Module(False).eval(), q, k, v, None, dropout=0.0)
     b, _ = sdpa_attention_forward(_Module(False).eval(), q, k, v, None, dropout=0.0)
     assert torch.equal(a, b)
 
@@ -143,12 +144,12 @@ def test_model_in_training_mode_matches_sdpa_with_padding(arch, monkeypatch):
     fast = tiny_model(arch)
     use_fast_dropout(fast)
     fast.train()
-    assert fast.config._attn_implementation == fd.ATTENTION_NAME
+    assert fast.config._attn_implementation == attn.ATTENTION_NAME
     monkeypatch.setattr(fd, "fast_dropout", lambda x, p: x)
     calls = []
-    real_attention = fd.attention
-    monkeypatch.setattr(fd, "attention", lambda *a, **k: calls.append(k["dropout"]) or real_attention(*a, **k))
-    fd.register_attention()  # the patched function is the registered one
+    real_attention = attn.attention
+    monkeypatch.setattr(attn, "attention", lambda *a, **k: calls.append(k["dropout"]) or real_attention(*a, **k))
+    attn.register_attention()  # the patched function is the registered one
     torch.manual_seed(0)
     ids = torch.randint(3, 100, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -160,5 +161,56 @@ def test_model_in_training_mode_matches_sdpa_with_padding(arch, monkeypatch):
         got = fast(input_ids=ids, attention_mask=mask).logits
     assert calls and all(p > 0 for p in calls)  # the training-time path ran, in every block
     monkeypatch.undo()
-    fd.register_attention()  # the real function again, for the tests after this one
+    attn.register_attention()  # the real function again, for the tests after this one
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_importing_perf_registers_nothing_until_a_model_is_switched():
+    """No import-time side effects: the backend is registered when use_fast_dropout switches a
+    model (in a fresh process, so no earlier test has registered it already)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sftlab.perf
+from sftlab.perf import ATTENTION_NAME, use_fast_dropout
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+assert ATTENTION_NAME not in AttentionInterface(), "registered on import"
+assert ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS, "mask registered on import"
+from test_layers import tiny_model
+model = tiny_model("bert")
+use_fast_dropout(model)
+assert model.config._attn_implementation == ATTENTION_NAME
+assert ATTENTION_NAME in AttentionInterface() and ATTENTION_NAME in ALL_MASK_ATTENTION_FUNCTIONS
+print("ok")
+"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_callback_switches_the_lightning_modules_model_in_setup():
+    from sftlab.model import TextClassifier
+    from sftlab.perf import FastDropoutCallback
+
+    module = TextClassifier("tiny", ["a", "b", "c"], model=tiny_model("bert"))
+    assert any(type(m) is torch.nn.Dropout for m in module.modules())  # built without the swap
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    FastDropoutCallback().setup(None, module, "fit")
+    assert not any(type(m) is torch.nn.Dropout for m in module.modules())
+    assert any(isinstance(m, FastDropout) for m in module.model.modules())
+    assert module.model.config._attn_implementation == attn.ATTENTION_NAME
+    after = module.state_dict()  # no parameter or buffer changed or added
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    FastDropoutCallback().setup(None, module, "test")  # every stage; a second switch is a no-op
+    assert module.model.config._attn_implementation == attn.ATTENTION_NAME
+    # attention_backend=false: the dropout modules only
+    plain = TextClassifier("tiny", ["a", "b", "c"], model=tiny_model("bert"))
+    FastDropoutCallback(attention_backend=False).setup(None, plain, "fit")
+    assert not any(type(m) is torch.nn.Dropout for m in plain.modules())
+    assert plain.model.config._attn_implementation == "sdpa"

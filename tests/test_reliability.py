@@ -264,7 +264,7 @@ def test_empty_texts_can_be_dropped_with_a_count(tmp_path, tiny_model_dir, caplo
 def test_trust_remote_code_is_off_unless_the_config_says_so(compose, monkeypatch, tiny_model_dir):
     import transformers
 
-    from sftlab.model import load_pretrained, load_tokenizer
+    from sftlab.pretrained import load_pretrained, load_tokenizer
 
     for option in sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")):
         assert compose(f"model={option}", tiny=False).model.trust_remote_code is False, option

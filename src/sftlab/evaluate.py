@@ -39,7 +39,8 @@ def load_module(cfg: DictConfig):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from sftlab.model import TextClassifier, load_tokenizer
+    from sftlab.model import TextClassifier
+    from sftlab.pretrained import load_tokenizer
     from sftlab.train import instantiate
 
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):

@@ -196,7 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from sftlab.callbacks import CrashSafeCheckpoint, FiniteLossGuard, RNGState, TrainThroughput
     from sftlab.checkpointing import AtomicCheckpointIO, remove_partial_checkpoints
     from sftlab.loggers import finish_wandb
-    from sftlab.model import load_tokenizer
+    from sftlab.pretrained import load_tokenizer
     from sftlab.runs import is_rank_zero, new_wandb_id
     from sftlab.secrets import mask_files, public_config, secret_values
 
@@ -237,6 +237,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # RNGState is not optional like the configured callbacks: without it a resumed run's
     # dropout differs from the uninterrupted run's
     callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [throughput, RNGState()]
+    callbacks += instantiate_group(cfg.get("perf"))  # speed-ups (conf/perf), also config callbacks
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
