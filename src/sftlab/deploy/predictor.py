@@ -12,7 +12,7 @@ torch and transformers are imported inside functions so that importing sftlab st
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,10 @@ class Classifier:
         cfg = model.config
         self.labels: list[str] = [str(cfg.id2label[i]) for i in range(int(cfg.num_labels))]
         self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification" or cfg.num_labels == 1
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # as training did (sftlab.pretrained)
         pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self._pad_id = int(pad)
+        self._pad_id = int(pad if pad is not None else 0)
         if getattr(cfg, "pad_token_id", None) is None:
             # decoder heads (GPT-2) find the last real token through pad_token_id
             cfg.pad_token_id = self._pad_id
@@ -146,9 +146,11 @@ class Classifier:
         import numpy as np
         import torch
 
+        from sftlab.data.batching import collate
+
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         keys = [k for k in enc.keys() if k in _MODEL_INPUTS]
-        features = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+        features = [{k: torch.tensor(enc[k][i]) for k in keys} for i in range(len(texts))]
         order = sorted(range(len(texts)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -156,7 +158,8 @@ class Classifier:
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
-                batch = _pad([features[i] for i in idx], self.tokenizer, self._pad_id)
+                # the training collate: a served batch is padded exactly like a trained one
+                batch = collate([features[i] for i in idx], self.tokenizer)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 if autocast is not None:
                     with autocast:
@@ -167,31 +170,6 @@ class Classifier:
                 probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
                 out[idx] = probs.cpu().numpy()
         return out
-
-
-def _pad(features: Sequence[Mapping[str, Sequence[int]]], tokenizer, pad_id: int) -> dict[str, Any]:
-    """One batch of long tensors from per-text token lists, padded to the longest one.
-
-    Padding goes on the tokenizer's ``padding_side`` (left for decoder-only models), with
-    ``pad_id`` for input ids, 0 for the attention mask and the tokenizer's pad type id for
-    token types. This is the training collate's job too; it is kept to this one function so
-    that the two can become one.
-    """
-    import torch
-
-    width = max(len(f["input_ids"]) for f in features)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    fill_values = {"input_ids": pad_id, "attention_mask": 0,
-                   "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
-    batch = {}
-    for key in features[0]:
-        rows = []
-        for f in features:
-            seq = list(f[key])
-            fill = [fill_values[key]] * (width - len(seq))
-            rows.append(fill + seq if left else seq + fill)
-        batch[key] = torch.tensor(rows, dtype=torch.long)
-    return batch
 
 
 def _check_precision(precision: str) -> None:
