@@ -289,7 +289,7 @@ def test_resume_reads_the_run_config_keeps_the_wandb_id_and_follows_a_moved_dir(
     from omegaconf import OmegaConf, open_dict
 
     from sftlab import runs
-    from sftlab.train import instantiate_group
+    from sftlab.config import instantiate_group
 
     first = tmp_path / "first"
     cfg = compose("logger=wandb", out=first)

@@ -43,7 +43,7 @@ def test_objects_instantiate(compose, group, option):
     import torch
     from hydra.utils import instantiate
 
-    from sftlab.train import instantiate_group
+    from sftlab.config import instantiate_group
 
     cfg = compose(f"{group}={option}")
     if group == "optimizer":

@@ -6,6 +6,10 @@ loop *without* validation, which is what the HF Trainer's ``train_samples_per_se
 when evaluation is off, so the two compare directly. Lightning's ``ThroughputMonitor`` needs
 per-device FLOP counts and reports per batch; we need one honest number per run.
 
+A callback reports into ``metrics.json`` by having a ``run_stats() -> dict`` method; the
+pipeline asks every callback of the trainer once training ends (``sftlab.results.run_stats``)
+and needs to know none of them by class.
+
 ``RNGState`` and ``CrashSafeCheckpoint`` make a run survive being killed: the first puts the
 random generators into every checkpoint (Lightning does not), the second writes ``last.ckpt``
 every ``checkpoint.every_n_steps`` optimizer steps and when SIGTERM/SIGINT arrive, then stops.
@@ -80,6 +84,13 @@ class TrainThroughput(pl.Callback):
     def samples_per_s(self) -> float:
         return self.samples / self.train_time_s if self.train_time_s > 0 else 0.0
 
+    def run_stats(self) -> dict[str, float]:
+        return {
+            "train_time_s": round(self.train_time_s, 3),
+            "train_samples_per_s": round(self.samples_per_s, 3),
+            "time_to_first_step_s": round(self.first_step_s or 0.0, 3),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "train_time_s": self.train_time_s}
 
@@ -100,6 +111,9 @@ class FiniteLossGuard(pl.Callback):
     def __init__(self, max_bad_steps: int = 0) -> None:
         self.max_bad_steps = int(max_bad_steps)
         self.bad_steps = 0
+
+    def run_stats(self) -> dict[str, int]:
+        return {"skipped_bad_steps": self.bad_steps}
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
         import torch
@@ -274,8 +288,16 @@ class CrashSafeCheckpoint(pl.Callback):
             self._stop(trainer)
         self._save(trainer)
 
-    def stop_if_requested(self, trainer: pl.Trainer) -> None:
-        """After ``fit``: a signal that came when no training step was left still stops the run."""
+    def after_fit(self, trainer: pl.Trainer) -> None:
+        """After ``fit``: a signal that came when no training step was left still stops the run.
+
+        Called by the pipeline once ``fit`` has returned (any callback with ``after_fit`` is),
+        not from a Lightning hook: raising inside ``fit`` (``on_train_end``, ``on_fit_end``,
+        ``teardown``) would send the run down Lightning's exception path, which finalizes the
+        loggers as failed (no W&B checkpoint upload), skips the remaining end and teardown
+        hooks, and lets ``ModelCheckpoint(save_on_exception=True)`` save once more, unlike a
+        run that completed its training.
+        """
         stop = self.requested_signal is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

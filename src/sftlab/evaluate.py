@@ -39,9 +39,9 @@ def load_module(cfg: DictConfig):
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from sftlab.config import instantiate
     from sftlab.model import TextClassifier
     from sftlab.pretrained import load_tokenizer
-    from sftlab.train import instantiate
 
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
@@ -64,7 +64,7 @@ def load_module(cfg: DictConfig):
     mcfg = trained.model
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     tokenizer = load_tokenizer(**mcfg)
-    labels = state.get("hyper_parameters", {}).get("label_names") or _labels_from_state(state)
+    labels = _labels_from_state(state)
     module = instantiate(mcfg, label_names=labels, strategy=instantiate(trained.strategy),
                          pad_token_id=tokenizer.pad_token_id, _convert_="all")
     module.load_state_dict(state["state_dict"])
@@ -72,6 +72,7 @@ def load_module(cfg: DictConfig):
 
 
 def _labels_from_state(state: dict[str, Any]) -> list[str]:
+    """The label names ``TextClassifier.on_save_checkpoint`` stores under ``sftlab``."""
     labels = state.get("sftlab", {}).get("label_names")
     if not labels:
         raise ConfigError("The checkpoint does not record its label names; evaluate its exported model_dir instead.")
@@ -81,15 +82,10 @@ def _labels_from_state(state: dict[str, Any]) -> list[str]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
+    from sftlab.config import instantiate, output_dir, route_lightning_logs
     from sftlab.console import print_metrics_table
-    from sftlab.train import (
-        instantiate,
-        output_dir,
-        route_lightning_logs,
-        save_confusion,
-        scalar_metrics,
-        write_json,
-    )
+    from sftlab.files import write_json
+    from sftlab.results import save_confusion, scalar_metrics
 
     route_lightning_logs()
     split = cfg.get("split", "test")

@@ -13,7 +13,8 @@ pointing Hydra at the old dir instead would overwrite ``<run dir>/.hydra/`` (the
 overrides, which sweep reports read) with ``resume=...``. So the fresh dir is used for nothing:
 the log handler moves to ``<run dir>/<task>.log`` (appending) and the fresh dir, which then holds
 only Hydra's bookkeeping, is deleted. A W&B run continues under the id the first start wrote
-into ``config.yaml`` (``logger.wandb.id``, with ``resume: allow``).
+into ``config.yaml`` (``logger.wandb.id``, with ``resume: allow``), and the CSV log keeps the
+rows logged before the checkpoint (:func:`keep_csv_history`).
 
 Interrupted. A run stopped by SIGTERM/SIGINT ends with :class:`RunInterrupted` (raised by
 ``sftlab.callbacks.CrashSafeCheckpoint`` after it saved ``last.ckpt``); train.py records
@@ -151,6 +152,32 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         if isinstance(wandb, DictConfig):
             wandb.resume = "allow"  # continue the W&B run whose id the first start saved
     return loaded
+
+
+def keep_csv_history(loggers, ckpt: Path) -> None:
+    """A resumed run's ``metrics.csv`` keeps the rows logged before its checkpoint.
+
+    Lightning's CSVLogger deletes an existing metrics.csv when it starts writing, so a resumed
+    run would hold only what it logged itself. Rows from after the checkpoint (a stopped run
+    flushed them; the resumed run logs those steps again) are left out.
+    """
+    import csv
+
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+    if not csv_loggers:
+        return
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    for lg in csv_loggers:
+        path = Path(lg.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)
+                    if str(r.get("step", "")).isdigit() and int(r["step"]) < step]
+        lg.experiment.metrics[:0] = rows  # the writer (created now) writes them with the new rows
 
 
 def _task_overrides() -> list[str]:
