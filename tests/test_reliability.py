@@ -600,3 +600,28 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, tiny_model_dir
         assert all(torch.equal(last[k], want_last[k]) for k in want_last), label
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
             p.name for p in (straight / "checkpoints").iterdir()), label
+
+
+def test_configs_from_before_the_perf_group_resume_with_the_same_kernels():
+    """A run config with model.fast_dropout / callbacks.release_memory (before conf/perf) is
+    read in today's keys: nothing unknown reaches a constructor, and the kernels it trained
+    with stay on (or off) for the rest of the run."""
+    from omegaconf import OmegaConf
+
+    from sftlab.runs import upgrade_config
+
+    old = OmegaConf.create({
+        "model": {"fast_dropout": False, "max_length": 64},
+        "callbacks": {"release_memory": {"_target_": "sftlab.callbacks.ReleaseFreeMemory", "every_n_steps": 25},
+                      "finite_loss": {"_target_": "sftlab.callbacks.FiniteLossGuard"}},
+    })
+    current = OmegaConf.create({"perf": OmegaConf.load(ROOT / "conf" / "perf" / "default.yaml")})
+    new = upgrade_config(old, current)
+    assert "fast_dropout" not in new.model and new.model.max_length == 64
+    assert set(new.callbacks) == {"finite_loss"}
+    assert new.perf.fast_dropout.enable is False
+    assert new.perf.release_memory.every_n_steps == 25
+    assert new.perf.release_memory._target_ == "sftlab.perf.ReleaseFreeMemory"
+    assert "fast_dropout" in old.model  # the run's own file is not changed
+    # today's configs pass through untouched
+    assert upgrade_config(new, current) == new

@@ -10,8 +10,8 @@ A callback reports into ``metrics.json`` by having a ``run_stats() -> dict`` met
 pipeline asks every callback of the trainer once training ends (``sftlab.results.run_stats``)
 and needs to know none of them by class.
 
-``RNGState`` and ``CrashSafeCheckpoint`` make a run survive being killed: the first puts the
-random generators into every checkpoint (Lightning does not), the second writes ``last.ckpt``
+``CrashSafeCheckpoint`` (with ``sftlab.checkpointing.RNGState``, which puts the random
+generators into every checkpoint) makes a run survive being killed: it writes ``last.ckpt``
 every ``checkpoint.every_n_steps`` optimizer steps and when SIGTERM/SIGINT arrive, then stops.
 With the resumable train loader (``sftlab.data.ResumableDataLoader``) a run killed mid-epoch
 and resumed ends with the same weights as one that was never interrupted.
@@ -144,35 +144,6 @@ class FiniteLossGuard(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.bad_steps = int(state_dict.get("bad_steps", 0))
-
-
-class RNGState(pl.Callback):
-    """Save the random generators in every checkpoint; restore them when training resumes.
-
-    Restored in ``on_train_start``, not when the checkpoint is read: between the two, Lightning
-    builds the model and may run the sanity check, and only the state at the first training
-    step matters. Everything that draws from the global generators between a save and the next
-    training step must then also happen after ``on_train_start`` on resume; our loaders draw
-    their worker seeds from their own generator (``sftlab.data``) for that reason.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        from sftlab.checkpointing import rng_state
-
-        return rng_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict or None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending is not None:
-            from sftlab.checkpointing import set_rng_state
-
-            set_rng_state(self._pending)
-            self._pending = None
 
 
 def _validation_due(trainer: pl.Trainer, batch_idx: int) -> bool:

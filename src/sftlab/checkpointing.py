@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -137,3 +138,28 @@ def _to_lists(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_to_lists(v) for v in value]
     return value
+
+
+class RNGState(pl.Callback):
+    """Save the random generators in every checkpoint; restore them when training resumes.
+
+    Restored in ``on_train_start``, not when the checkpoint is read: between the two, Lightning
+    builds the model and may run the sanity check, and only the state at the first training
+    step matters. Everything that draws from the global generators between a save and the next
+    training step must then also happen after ``on_train_start`` on resume; our loaders draw
+    their worker seeds from their own generator (``sftlab.data``) for that reason.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict or None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:
+            set_rng_state(self._pending)
+            self._pending = None

@@ -61,7 +61,9 @@ def load_module(cfg: DictConfig):
     trained = _trained_config(None, ckpt)
     if trained is None:
         raise ConfigError(f"No run config next to {str(ckpt)!r} (expected <run dir>/config.yaml).")
-    mcfg = trained.model
+    from sftlab.runs import upgrade_config
+
+    mcfg = upgrade_config(trained).model
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     tokenizer = load_tokenizer(**mcfg)
     labels = _labels_from_state(state)

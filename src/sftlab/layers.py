@@ -51,6 +51,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftlab.errors import ConfigError
+from sftlab.module_tree import (
+    base_prefix,
+    get_module,
+    largest_module_list,
+    model_type_of,
+    outer_path,
+    torch_nn,
+    under,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,62 +214,6 @@ class LayerMap:
 
 
 # --------------------------------------------------------------------------- building
-def unwrap(model) -> Any:
-    """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``), else itself."""
-    inner = model
-    for _ in range(4):  # PeftModel -> LoraModel -> PreTrainedModel
-        get_base = getattr(inner, "get_base_model", None)
-        if callable(get_base) and type(inner).__module__.startswith("peft"):
-            nxt = get_base()
-            if nxt is inner:
-                break
-            inner = nxt
-        else:
-            break
-    return inner
-
-
-def model_type_of(model) -> str:
-    config = getattr(unwrap(model), "config", None)
-    return str(getattr(config, "model_type", None) or type(unwrap(model)).__name__)
-
-
-def _under(name: str, path: str) -> bool:
-    return bool(path) and (name == path or name.startswith(path + "."))
-
-
-def _base_prefix(model) -> str:
-    """Path of the base model inside the task model ('' if the model is its own base)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and isinstance(getattr(model, prefix, None), _nn().Module):
-        return prefix
-    base = getattr(model, "base_model", None)
-    if base is not None and base is not model:
-        for name, module in model.named_children():
-            if module is base:
-                return name
-    return ""
-
-
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
-def _largest_module_list(model, within: str) -> str | None:
-    """The path of the ``nn.ModuleList`` (of >= 1 module) holding the most parameters."""
-    nn = _nn()
-    best, best_n = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not _under(name, within):
-            continue
-        n = sum(p.numel() for p in module.parameters())
-        if n > best_n:
-            best, best_n = name, n
-    return best
-
-
 def _unmappable(model_type: str, why: str) -> ConfigError:
     return ConfigError(
         f"Cannot map the layers of model_type {model_type!r} ({why}); "
@@ -278,19 +232,19 @@ def build_layer_map(model) -> LayerMap:
     # names relative to the model as given, by parameter identity
     outer_names = {id(p): n for n, p in model.named_parameters()}
 
-    base = _base_prefix(inner)
+    base = base_prefix(inner)
     if not base:
         raise _unmappable(model_type, f"{type(inner).__name__} has no base model separate from its head")
     rule = RULES.get(model_type)
     blocks_path = None
     if rule is not None:
         candidate = f"{base}.{rule.blocks}"
-        if isinstance(_get_module(inner, candidate), _nn().ModuleList):
+        if isinstance(get_module(inner, candidate), torch_nn().ModuleList):
             blocks_path = candidate
         else:
             log.warning("layer map: %s has no %s; falling back to its largest ModuleList", model_type, candidate)
     if blocks_path is None:
-        blocks_path = _largest_module_list(inner, base)
+        blocks_path = largest_module_list(inner, base)
         if blocks_path is None:
             raise _unmappable(model_type, "no nn.ModuleList of blocks found in its base model")
         if rule is None:
@@ -303,7 +257,7 @@ def build_layer_map(model) -> LayerMap:
     to_bottom = [p.format(**fmt) for p in rule.to_bottom_block]
     inert_paths = [p.format(**fmt) for p in rule.inert]
     inert: set[str] = set()
-    num_blocks = len(_get_module(inner, blocks_path))
+    num_blocks = len(get_module(inner, blocks_path))
     if num_blocks == 0:
         raise _unmappable(model_type, f"its block list {blocks_path} is empty")
 
@@ -315,19 +269,19 @@ def build_layer_map(model) -> LayerMap:
     seen_blocks = False
     for name, param in inner.named_parameters():  # deduplicated: tied params once
         qual = outer_names.get(id(param), name)
-        if any(_under(name, p) for p in inert_paths):
+        if any(under(name, p) for p in inert_paths):
             inert.add(qual)
-        if _under(name, blocks_path):
+        if under(name, blocks_path):
             idx = int(name[len(blocks_path) + 1:].split(".", 1)[0])
             blocks[idx].append((qual, param))
             seen_blocks = True
-        elif any(_under(name, p) for p in poolers):
+        elif any(under(name, p) for p in poolers):
             pooler.append((qual, param))
-        elif any(_under(name, p) for p in to_emb):
+        elif any(under(name, p) for p in to_emb):
             emb.append((qual, param))
-        elif any(_under(name, p) for p in to_bottom):
+        elif any(under(name, p) for p in to_bottom):
             blocks[0].append((qual, param))
-        elif _under(name, base):
+        elif under(name, base):
             (after_blocks if seen_blocks else emb).append((qual, param))
         else:
             head.append((qual, param))
@@ -343,24 +297,5 @@ def build_layer_map(model) -> LayerMap:
     if pooler:
         parts.append(Part("pooler", POOLER, depth=0, params=pooler))
     parts.append(Part("head", HEAD, depth=0, params=head))
-    return LayerMap(model_type=model_type, parts=parts, blocks_path=_outer_path(model, inner, blocks_path),
+    return LayerMap(model_type=model_type, parts=parts, blocks_path=outer_path(model, inner, blocks_path),
                     inert=frozenset(inert))
-
-
-def _outer_path(model, inner, path: str) -> str:
-    """``path`` (relative to ``inner``) relative to ``model`` (they differ for PEFT wrappers)."""
-    if model is inner:
-        return path
-    for name, module in model.named_modules():
-        if module is inner:
-            return f"{name}.{path}" if name else path
-    return path
-
-
-def _get_module(model, path: str):
-    module = model
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module

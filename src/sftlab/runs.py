@@ -135,6 +135,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     old = str(OmegaConf.select(loaded, "paths.output_dir", default="") or "")
     if old and Path(old) != run:  # the run dir was moved: follow it
         loaded = OmegaConf.create(_replace_prefix(OmegaConf.to_container(loaded), old, str(run)))
+    loaded = upgrade_config(loaded, cfg)
     ckpt = last_checkpoint(loaded, run)
     if not ckpt.is_file():
         raise ConfigError(
@@ -178,6 +179,34 @@ def keep_csv_history(loggers, ckpt: Path) -> None:
             rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)
                     if str(r.get("step", "")).isdigit() and int(r["step"]) < step]
         lg.experiment.metrics[:0] = rows  # the writer (created now) writes them with the new rows
+
+
+def upgrade_config(old: DictConfig, current: DictConfig | None = None) -> DictConfig:
+    """A run config written before the ``perf`` group existed, in today's keys.
+
+    Runs started before the speed work moved to ``conf/perf`` recorded ``model.fast_dropout``
+    and ``callbacks.release_memory`` (target ``sftlab.callbacks.ReleaseFreeMemory``). Resuming
+    or evaluating such a run must neither fail on the old keys nor silently train without the
+    kernels it started with (a resumed run would then draw other dropout masks). ``current``
+    (the freshly composed config) provides today's ``perf`` entries.
+    """
+    old = old.copy()
+    with open_dict(old):
+        fast = OmegaConf.select(old, "model.fast_dropout", default=None)
+        if fast is not None:
+            old.model.pop("fast_dropout")
+        heap = OmegaConf.select(old, "callbacks.release_memory", default=None)
+        if heap is not None and str(heap.get("_target_", "")).startswith("sftlab.callbacks."):
+            old.callbacks.pop("release_memory")
+        if "perf" not in old and current is not None and "perf" in current:
+            old.perf = current.perf.copy()
+            if fast is not None and "fast_dropout" in old.perf:
+                old.perf.fast_dropout.enable = bool(fast)
+            if isinstance(heap, DictConfig) and "release_memory" in old.perf:
+                for key, value in heap.items():
+                    if key != "_target_":
+                        old.perf.release_memory[key] = value
+    return old
 
 
 def _task_overrides() -> list[str]:

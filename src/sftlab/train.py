@@ -96,8 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     import lightning.pytorch as pl
 
-    from sftlab.callbacks import RNGState, TrainThroughput
-    from sftlab.checkpointing import AtomicCheckpointIO
+    from sftlab.callbacks import TrainThroughput
+    from sftlab.checkpointing import AtomicCheckpointIO, RNGState
     from sftlab.loggers import finish_wandb
     from sftlab.pretrained import load_tokenizer
     from sftlab.results import peak_rss_mb, run_stats, save_results

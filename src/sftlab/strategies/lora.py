@@ -6,7 +6,8 @@ import copy
 from collections.abc import Sequence
 
 from sftlab.errors import ConfigError, checked
-from sftlab.layers import HEAD, POOLER, LayerMap, Part, build_layer_map, model_type_of, unwrap
+from sftlab.layers import HEAD, POOLER, LayerMap, Part, build_layer_map
+from sftlab.module_tree import model_type_of, unwrap
 from sftlab.strategies.base import Named, Strategy
 
 #: model_type -> LoRA target module names (the attention query/value projections of Hu et al.,
