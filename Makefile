@@ -22,7 +22,7 @@ DIR ?= $(shell ls -td outputs/*/multirun/*/ 2>/dev/null | head -1)
 # make wandb-sweep: the W&B sweep file to register
 SWEEP ?= sweeps/lr_strategy.yaml
 
-.PHONY: distclean install train test test-all lint format clean bench strategies report wandb-sweep help
+.PHONY: distclean install train test test-slow test-all lint format clean bench strategies report wandb-sweep help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ train:  ## train with the default recipe (override with ARGS="strategy=gradual .
 
 test:  ## the fast test set (under ~10 minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q
+
+test-slow:  ## only the slow acceptance tests (kill-and-resume, DDP, sweeps; CI runs them after make test)
+	$(PYTHON) -m pytest -q -m slow
 
 test-all:  ## every test, the slow ones too
 	$(PYTHON) -m pytest -q -m "slow or not slow"
