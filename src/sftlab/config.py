@@ -55,9 +55,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks before anything is loaded, so a typo costs seconds, not an epoch."""
-    from sftlab.optim import learning_rate
+    from sftlab.optim import base_lr
 
-    learning_rate(cfg.optimizer.get("lr"))
+    base_lr(cfg.optimizer)
     for key in ("batch_size", "eval_batch_size"):
         checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     checked("model.max_length", cfg.model.get("max_length", 1), int, positive=True)

@@ -46,6 +46,9 @@ class TextClassifier(pl.LightningModule):
     test confusion matrix is kept in ``self.test_confusion`` for the run to save.
     """
 
+    #: the metric a study ranks by and checkpoints select on (``val/acc``)
+    main_metric = "acc"
+
     def __init__(
         self,
         name_or_path: str,

@@ -40,12 +40,27 @@ def build_optimizer(model, strategy, factory: Callable):
     our logs and the parts table show each part's LR by name.
     """
     kw = factory.keywords if isinstance(factory, functools.partial) else {}
-    lr = learning_rate(kw.get("lr"))
+    lr = base_lr(kw)
     weight_decay = float(kw.get("weight_decay", 0.0) or 0.0)
+    if "lr_scale" in kw:  # ours, not the torch optimizer's
+        factory = functools.partial(factory.func, *factory.args,
+                                    **{k: v for k, v in kw.items() if k != "lr_scale"})
     groups = strategy.param_groups(model, lr) if strategy is not None else [
         {"name": "all", "params": list(model.named_parameters()), "lr": lr}
     ]
     return factory(split_decay(model, groups, weight_decay))
+
+
+def base_lr(optimizer_cfg: Any) -> float:
+    """``optimizer.lr × optimizer.lr_scale``: the base LR a run trains with, validated.
+
+    ``optimizer.lr`` is the strategy's own LR unless the user set one (``conf/optimizer``
+    interpolates ``${strategy.lr}``); ``lr_scale`` (default 1) multiplies whichever is in force,
+    so one sweep can compare every strategy around its own LR.
+    """
+    scale = optimizer_cfg.get("lr_scale", 1.0)
+    scale = 1.0 if scale is None else checked("optimizer.lr_scale", scale, float, positive=True)
+    return learning_rate(optimizer_cfg.get("lr")) * scale
 
 
 def part_lrs(optimizer) -> dict[str, float]:

@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from sftlab.callbacks import TrainThroughput
     from sftlab.checkpointing import AtomicCheckpointIO, RNGState
     from sftlab.loggers import finish_wandb
+    from sftlab.optim import base_lr
     from sftlab.pretrained import load_tokenizer
     from sftlab.results import peak_rss_mb, run_stats, save_results
     from sftlab.runs import keep_csv_history
@@ -157,6 +158,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # the run's own numbers first: loading the best checkpoint below restores every
         # callback's state (throughput, skipped steps) to what it was at that checkpoint
         stats = run_stats(trainer, module, strategy)
+        # what a study groups by: the base LR trained with, the seed, the task's main metric
+        stats.update(lr=base_lr(cfg.optimizer), seed=int(cfg.seed),
+                     main_metric=getattr(module, "main_metric", "acc"))
         if resuming:
             stats["resumed_from"] = cfg.ckpt_path
         # 5. evaluate the best checkpoint on validation and test

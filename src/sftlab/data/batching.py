@@ -81,7 +81,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
-        rng = np.random.default_rng(self.seed + self.epoch)
+        # one independent stream per (seed, epoch): seed + epoch made seed 42's epoch 1 equal
+        # seed 43's epoch 0, so a study over consecutive seeds reused most of its orders
+        rng = np.random.default_rng([self.seed, self.epoch])
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable") if self.group_by_length else np.arange(n)
             # evaluation shards by example, not by batch: every rank gets data whenever there
@@ -131,7 +133,7 @@ class ResumableDataLoader(DataLoader):
     creates the epoch's iterator; it does not skip anything itself. The state is the epoch and
     the number of batches this loader has handed out, counted at the iterator (not at the
     sampler, which worker processes read ahead of training). On resume the batch sampler, whose
-    order depends only on ``seed + epoch``, rebuilds that epoch's order and starts after the
+    order depends only on ``(seed, epoch)``, rebuilds that epoch's order and starts after the
     batches already trained on, without loading them. A state taken at the end of an epoch
     resumes nothing: the next epoch starts from its first batch.
     """

@@ -72,6 +72,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         empty_texts: str = "fail",
         max_length: int = 128,
         seed: int = 42,
+        split_seed: int | None = None,
         cache_dir: str | None = None,
         splits: Sequence[str] | None = None,
     ) -> None:
@@ -98,6 +99,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.empty_texts = empty_texts
         self.max_length = int(max_length)
         self.seed = int(seed)
+        # the validation carve's seed, apart from the training seed: a seed study varies the
+        # initialisation and the data order, never which rows are validation (None: seed)
+        self.split_seed = int(split_seed) if split_seed is not None else self.seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.splits = tuple(splits) if splits else SPLITS
         if hub_name is None and not any(self.files[s] for s in self.splits):
@@ -145,7 +149,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
             if "train" not in raw:
                 raise ConfigError("No validation data: set data.validation_file or data.train_file.")
             raw["train"], raw["validation"] = self.carve(
-                raw["train"], self.label_field, self.val_fraction, self.seed)
+                raw["train"], self.label_field, self.val_fraction, self.split_seed)
         self._label_names, raw = self.map_labels(raw, self.label_field, self._given_label_names)
         for split in list(raw):
             raw[split] = self.clean(raw[split], split, self.columns.texts, self.empty_texts)
@@ -170,7 +174,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
             label_names=self.label_names,
             max_length=self.max_length,
             caps=[self.max_train_samples, self.max_eval_samples],
-            val=[self.val_fraction, self.seed] if not self.files["validation"] else None,
+            val=[self.val_fraction, self.split_seed] if not self.files["validation"] else None,
             empty_texts=self.empty_texts,
             task=self.task,
         )

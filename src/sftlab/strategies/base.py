@@ -56,11 +56,14 @@ class Strategy:
     #: what ``describe`` calls a partial selection ("biases", "adapters")
     select_label = "selected"
 
-    def __init__(self, lr_decay: float = 1.0, name: str | None = None) -> None:
+    def __init__(self, lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
         self.lr_decay = checked("strategy.lr_decay", lr_decay, float, 0.0, 1.0, lo_open=True,
                                 hint="1.0 is off, 0.95 is Sun et al.'s choice")
         if name:
             self.name = str(name)
+        # the LR this recipe is known to want (conf/strategy/<name>.yaml: lr, where the value
+        # comes from); conf/optimizer reads it as optimizer.lr unless the user sets one
+        self.lr = checked("strategy.lr", lr, float, positive=True, allow_none=True)
         self.layer_map: LayerMap | None = None
 
     # ------------------------------------------------------------------ subclass hooks

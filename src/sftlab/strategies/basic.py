@@ -33,8 +33,8 @@ class Discriminative(Full):
 
     name = "discriminative"
 
-    def __init__(self, lr_decay: float = 0.95, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+    def __init__(self, lr_decay: float = 0.95, name: str | None = None, lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
 
 
 class HeadOnly(Strategy):
@@ -50,8 +50,8 @@ class HeadOnly(Strategy):
 
     name = "head_only"
 
-    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         self.train_pooler = bool(train_pooler)
 
     def stage(self, part: Part, layer_map: LayerMap) -> int | None:
@@ -73,8 +73,8 @@ class Partial(Strategy):
     name = "partial"
 
     def __init__(self, trainable_layers: int = 2, train_embeddings: bool = False,
-                 lr_decay: float = 1.0, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+                 lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         # the range depends on the model: checked in validate, once the blocks are counted
         self.trainable_layers = checked("strategy.trainable_layers", trainable_layers, int)
         self.train_embeddings = bool(train_embeddings)
@@ -111,8 +111,8 @@ class BitFit(Strategy):
     name = "bitfit"
     select_label = "biases"
 
-    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         self.train_pooler = bool(train_pooler)
 
     def select(self, part: Part, layer_map: LayerMap) -> Named:

@@ -25,10 +25,14 @@ class Gradual(Strategy):
     above it have adapted. Stage 0 trains head + pooler (+ the top ``initial_layers`` blocks);
     stage ``k`` adds the next ``layers_per_step`` blocks downward; after the bottom block,
     the embeddings (``unfreeze_embeddings: true``). Stage ``k`` starts at optimizer step
-    ``k * interval``, where ``interval = round(unfreeze_every * steps_per_epoch)`` (at least 1;
-    ``steps_per_epoch = ceil(num_training_batches / accumulate_grad_batches)``), or
-    ``unfreeze_every_steps`` when set. ULMFiT unfroze one group per epoch; the default here is a
-    quarter epoch, so the default 3 epochs reach full fine-tuning of a 6-block MiniLM.
+    ``k * interval``. By default the stages spread over the first ``unfreeze_over`` (0.5) of the
+    run: ``interval = floor(unfreeze_over * total_steps / last_stage)`` (at least 1), so every
+    part trains for at least half of the run whatever the depth: a fixed per-stage interval
+    that fits a 6-block MiniLM leaves a 12-block BERT's embeddings untrained in a 3-epoch run,
+    and half of a 24-block model. ULMFiT's own recipe, one stage per ``unfreeze_every`` epochs
+    (``interval = round(unfreeze_every * steps_per_epoch)``), and a fixed
+    ``unfreeze_every_steps`` are there too; when such an explicit schedule leaves parts that
+    never start within the run, one warning at fit start names them and the fix.
     ``lr_decay < 1`` adds discriminative LRs (ULMFiT used both).
 
     **Scheduler.** Every part that will ever train is in the optimizer from the start, at its
@@ -61,13 +65,18 @@ class Gradual(Strategy):
 
     name = "gradual"
 
-    def __init__(self, initial_layers: int = 0, unfreeze_every: float = 0.25, layers_per_step: int = 1,
+    def __init__(self, initial_layers: int = 0, unfreeze_every: float | None = None, layers_per_step: int = 1,
                  unfreeze_embeddings: bool = True, unfreeze_every_steps: int | None = None,
-                 lr_decay: float = 1.0, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+                 unfreeze_over: float = 0.5, lr_decay: float = 1.0, name: str | None = None,
+                 lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         self.initial_layers = checked("strategy.initial_layers", initial_layers, int, 0)
         self.unfreeze_every = checked("strategy.unfreeze_every", unfreeze_every, float, 0.0, lo_open=True,
-                                      hint="it is in epochs, fractions allowed (0.5)")
+                                      hint="it is in epochs, fractions allowed (0.5)", allow_none=True)
+        self.unfreeze_over = checked("strategy.unfreeze_over", unfreeze_over, float, 0.0, 1.0, lo_open=True,
+                                     hint="the fraction of the run by which every part trains")
+        #: the run's optimizer steps (set at fit start), for the default spread
+        self.total_steps: int | None = None
         self.layers_per_step = checked("strategy.layers_per_step", layers_per_step, int, 1)
         self.unfreeze_embeddings = bool(unfreeze_embeddings)
         self.unfreeze_every_steps = checked("strategy.unfreeze_every_steps", unfreeze_every_steps, int, 1,
@@ -106,15 +115,26 @@ class Gradual(Strategy):
         return max(s for s in stages if s is not None)
 
     # -------------------------------------------------------------- schedule
-    def interval(self, steps_per_epoch: int | None = None) -> int:
+    @property
+    def explicit(self) -> bool:
+        """Whether the user fixed the interval (in steps or epochs) rather than the spread."""
+        return self.unfreeze_every_steps is not None or self.unfreeze_every is not None
+
+    def interval(self, steps_per_epoch: int | None = None, total_steps: int | None = None) -> int:
         """Optimizer steps between two unfreezing stages."""
         if self.unfreeze_every_steps is not None:
             return self.unfreeze_every_steps
-        spe = steps_per_epoch if steps_per_epoch is not None else self.steps_per_epoch
-        if spe is None:
-            raise RuntimeError("the unfreezing interval is known once the trainer knows its epoch length "
-                               "(pass steps_per_epoch, or set unfreeze_every_steps)")
-        return max(1, round(self.unfreeze_every * spe))
+        if self.unfreeze_every is not None:
+            spe = steps_per_epoch if steps_per_epoch is not None else self.steps_per_epoch
+            if spe is None:
+                raise RuntimeError("the unfreezing interval is known once the trainer knows its epoch "
+                                   "length (pass steps_per_epoch, or set unfreeze_every_steps)")
+            return max(1, round(self.unfreeze_every * spe))
+        total = total_steps if total_steps is not None else self.total_steps
+        if total is None:
+            raise RuntimeError("the unfreezing interval is known once the trainer knows the run's "
+                               "length (pass total_steps, or set unfreeze_every_steps)")
+        return max(1, math.floor(self.unfreeze_over * total / max(1, self.num_stages())))
 
     def stage_step(self, stage: int, steps_per_epoch: int | None = None) -> int:
         """The global step (optimizer steps done) at which stage ``stage`` starts training."""
@@ -133,9 +153,15 @@ class Gradual(Strategy):
         return out
 
     def _later_label(self, stage: int) -> str:
-        if self.unfreeze_every_steps is None and self.steps_per_epoch is None:
-            return f"stage {stage}"
-        return f"from step {self.stage_step(stage)}"
+        known = (self.unfreeze_every_steps is not None
+                 or (self.unfreeze_every is not None and self.steps_per_epoch is not None)
+                 or (not self.explicit and self.total_steps is not None))
+        return f"from step {self.stage_step(stage)}" if known else f"stage {stage}"
+
+    def never_started(self, total_steps: int) -> list[str]:
+        """Parts that would start training only at or after the run's last step."""
+        steps = self.unfreeze_steps()
+        return sorted((n for n, s in steps.items() if s >= total_steps), key=lambda n: (steps[n], n))
 
     def callbacks(self) -> list[pl.Callback]:
         return [GradualUnfreezing(self)]
@@ -192,6 +218,19 @@ class GradualUnfreezing(pl.Callback):
         s = self.strategy
         if s.unfreeze_every_steps is None:
             s.steps_per_epoch = self.steps_per_epoch(trainer)
+        total = trainer.estimated_stepping_batches
+        s.total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        if s.total_steps is None and not s.explicit:
+            raise ConfigError("strategy=gradual spreads its stages over the run, whose length is "
+                              "unknown; set trainer.max_epochs or trainer.max_steps, or "
+                              "strategy.unfreeze_every_steps.")
+        late = s.never_started(s.total_steps) if s.total_steps is not None else []
+        if late:
+            log.warning(
+                "gradual unfreezing: %s never train in this run's %d steps (they start at step %d "
+                "or later); lower strategy.unfreeze_every / unfreeze_every_steps, or drop both to "
+                "spread the stages over strategy.unfreeze_over of the run.",
+                ", ".join(late), s.total_steps, min(s.unfreeze_steps()[n] for n in late))
         self._unfrozen = set()
         self._apply(trainer.global_step)
         log.info("gradual unfreezing every %d steps: %s", s.interval(),

@@ -49,8 +49,8 @@ class Lora(Strategy):
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.1,
                  target_modules: Sequence[str] | None = None, train_pooler: bool = True,
-                 lr_decay: float = 1.0, name: str | None = None) -> None:
-        super().__init__(lr_decay=lr_decay, name=name)
+                 lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+        super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         self.r = checked("strategy.r", r, int, 1)
         self.alpha = checked("strategy.alpha", alpha, float, 0.0, lo_open=True)
         self.dropout = checked("strategy.dropout", dropout, float, 0.0, 1.0)
