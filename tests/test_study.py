@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_strategies import _loader, _recorder, _tiny_module, make  # noqa: E402
 from test_layers import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
+from test_strategies import _loader, _recorder, _tiny_module, make  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGY_LRS = {"full": 2e-5, "partial": 2e-5, "gradual": 2e-5, "discriminative": 2e-5,
