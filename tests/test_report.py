@@ -151,3 +151,38 @@ def test_recommendation_is_the_cheapest_within_noise_on_validation():
     pick, sentence = recommend(strategies(cells(rows), "acc"), "acc")
     # bitfit is cheapest but clearly worse; head_only is within noise of full and 10x cheaper
     assert pick["strategy"] == "head_only" and "head_only" in sentence
+
+
+def test_study_is_logged_to_the_jobs_wandb_group(tmp_path, monkeypatch):
+    """Jobs that logged to W&B: the report becomes a job_type=report run in their group,
+    with the tables, the charts and the recommendation (offline files, read back)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_wandb import inspect_run_record, inspect_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    sweep = tmp_path / "sweep"
+    for num, (name, seed, val) in enumerate((("full", 1, 0.9), ("full", 2, 0.91), ("head_only", 1, 0.8),
+                                             ("head_only", 2, 0.82))):
+        study_job(sweep, num, name, 1e-3, seed, {"val/acc": val, "test/acc": val - 0.01, "train_time_s": 10.0})
+        (sweep / str(num) / "config.yaml").write_text(yaml.safe_dump(
+            {"task_name": "train", "logger": {"wandb": {"_target_": "sftlab.loggers.wandb_logger",
+                                                        "project": "sftlab-test", "group": "study-g"}}}))
+    out = report(sweep)
+    [wrun] = sorted((out / "wandb").glob("offline-run-*"))
+    rec = inspect_run_record(wrun)
+    assert rec["run_group"] == "study-g" and rec["job_type"] == "report"
+    s = inspect_summary(wrun)
+    assert s["project"] == "sftlab-test" and s["state"] == "finished"
+    assert s["summary"]["recommended_strategy"] == "full"
+    assert "Recommended: **full**" in s["summary"]["recommendation"]
+    for key in ("study/strategies", "study/cells", "study/val_vs_lr", "study/cost_accuracy"):
+        assert key in s["summary"], key
+    # a sweep whose jobs did not use W&B is not logged unless asked
+    plain = tmp_path / "plain"
+    study_job(plain, 0, "full", 1e-3, 1, {"val/acc": 0.9, "test/acc": 0.9})
+    assert not (report(plain) / "wandb").exists()

@@ -22,7 +22,9 @@ aggregation of :mod:`sftlab.report.study`:
 - ``strategies.csv``  each strategy at the LR it chooses on mean validation, its test mean and
   CI, and the paired difference with ``full`` (same seeds) with a verdict;
 - ``val_vs_lr.png``, ``cost_accuracy.png``  (error bars; the Pareto front);
-- ``README.md``  the tables, the charts and one recommendation.
+- ``README.md``  the tables, the charts and one recommendation;
+- a W&B run (``job_type: report``) in the jobs' group with the tables and charts, when the
+  jobs logged to W&B (offline files under ``report/wandb/`` without credentials).
 
 A sweep still running reports the jobs that are there; failed and unfinished jobs are counted.
 """
@@ -41,8 +43,12 @@ from sftlab.report.tables import write_tables
 __all__ = ["COLUMNS", "job_dirs", "main", "read_job", "report"]
 
 
-def report(sweep_dir: str | Path) -> Path:
-    """Write ``<sweep_dir>/report/`` and return its path."""
+def report(sweep_dir: str | Path, wandb: str = "auto") -> Path:
+    """Write ``<sweep_dir>/report/`` and return its path.
+
+    ``wandb``: ``auto`` logs the study to W&B when the jobs logged there (their group), ``on``
+    always (project sftlab, the sweep dir's group when the jobs had none), ``off`` never.
+    """
     from sftlab.errors import ConfigError
 
     sweep = Path(sweep_dir)
@@ -58,6 +64,14 @@ def report(sweep_dir: str | Path) -> Path:
     write_charts(rows, out)
     study = write_study(rows, out)
     write_study_charts(study, out)
+    if wandb != "off":
+        from sftlab.report.wandb_log import log_study, wandb_settings
+
+        settings = wandb_settings(jobs, sweep)
+        if settings is None and wandb == "on":
+            settings = {"project": "sftlab", "entity": None, "group": f"train-{sweep.name}"}
+        if settings is not None:
+            log_study(study, out, settings)
     return out
 
 
@@ -66,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m sftlab.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a Hydra multirun dir (outputs/<task>/multirun/<time>)")
+    parser.add_argument("--wandb", choices=("auto", "on", "off"), default="auto",
+                        help="log the study to W&B: auto = when the jobs logged there (their group)")
     args = parser.parse_args(argv)
     try:
-        out = report(args.sweep_dir)
+        out = report(args.sweep_dir, wandb=args.wandb)
     except SftlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
