@@ -32,3 +32,66 @@ def test_gradient_clipping_under_bf16_with_fused_adamw(tiny_model_dir):
                          enable_model_summary=False)
     trainer.fit(module, DataLoader([batch] * 4, batch_size=None))
     assert norms and all(n <= 1e-3 * 1.01 for n in norms)
+
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def module_from_config(compose, *overrides):
+    """The task module as train.py builds it from ``cfg.model`` (no strategy/optimizer needed)."""
+    from sftlab.config import instantiate
+
+    cfg = compose(*overrides)
+    return cfg, instantiate(cfg.model, label_names=LABELS, strategy=None, optimizer=None, scheduler=None)
+
+
+def test_label_smoothing_is_the_loss_that_trains(compose):
+    """``model.label_smoothing=0.1``: the training, validation and test losses are
+    ``F.cross_entropy(logits, labels, label_smoothing=0.1)`` exactly, not the plain loss."""
+    import torch.nn.functional as F
+
+    cfg, module = module_from_config(compose, "model.label_smoothing=0.1")
+    assert cfg.model.label_smoothing == 0.1
+    module.eval()  # no dropout: the same logits on every forward
+    with torch.no_grad():  # a random tiny model's logits are nearly uniform; widen the head so
+        # that smoothing makes a difference worth checking (at uniform logits it makes none)
+        module.model.classifier.weight.normal_(0, 3, generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": torch.randint(1000, 2000, (6, 10), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(6, 10, dtype=torch.long), "labels": torch.tensor([0, 1, 2, 3, 3, 1])}
+    with torch.no_grad():
+        logits = module(batch)
+        loss = module.training_step(batch, 0)
+        module.validation_step(batch, 0)
+    smoothed = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=0.1)
+    plain = F.cross_entropy(logits.float(), batch["labels"])
+    assert torch.equal(loss, smoothed)
+    torch.testing.assert_close(module.val_loss.compute(), smoothed, rtol=1e-6, atol=0)
+    assert abs(loss.item() - plain.item()) > 0.01  # the smoothing changed the loss
+
+    _, default = module_from_config(compose)  # the default config: no smoothing
+    default.load_state_dict(module.state_dict())
+    default.eval()
+    with torch.no_grad():
+        assert torch.equal(default.training_step(batch, 0), plain)
+
+
+def test_dropout_overrides_reach_the_config_and_the_dropout_modules(compose):
+    """``model.hidden_dropout`` / ``model.attention_dropout`` set the loaded model's config and
+    every dropout layer: attention-probability dropout at one, all others at the other."""
+    import torch.nn as nn
+
+    _, module = module_from_config(compose, "model.hidden_dropout=0.27", "model.attention_dropout=0.13")
+    config = module.model.config
+    assert config.hidden_dropout_prob == 0.27 and config.attention_probs_dropout_prob == 0.13
+    dropouts = {n: m.p for n, m in module.model.named_modules() if isinstance(m, nn.Dropout)}
+    attention = {n: p for n, p in dropouts.items() if n.endswith("attention.self.dropout")}
+    hidden = {n: p for n, p in dropouts.items() if n not in attention}
+    assert len(attention) == config.num_hidden_layers  # one per block
+    assert "dropout" in hidden and "bert.embeddings.dropout" in hidden  # the head's and the embeddings'
+    assert set(attention.values()) == {0.13} and set(hidden.values()) == {0.27}, dropouts
+
+    # null (the default) keeps the checkpoint's own values
+    _, default = module_from_config(compose)
+    assert default.model.config.hidden_dropout_prob == 0.1
+    assert default.model.config.attention_probs_dropout_prob == 0.1
+    assert {m.p for m in default.model.modules() if isinstance(m, nn.Dropout)} == {0.1}

@@ -625,3 +625,52 @@ def test_configs_from_before_the_perf_group_resume_with_the_same_kernels():
     assert "fast_dropout" in old.model  # the run's own file is not changed
     # today's configs pass through untouched
     assert upgrade_config(new, current) == new
+
+
+# ------------------------------------------------------------------ SIGINT (Ctrl+C)
+def _interrupt_with_sigint(tmp_path: Path, tiny_model_dir: Path, tiny_data: dict, step: int = 2):
+    """A CLI run that gets SIGINT after optimizer step ``step`` of its first epoch (of 6)."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    run = tmp_path / "run"
+    proc = cli(tiny_args(tiny_model_dir, tiny_data, tmp_path) + [
+        f"hydra.run.dir={run}", "checkpoint.every_n_steps=null",
+        "+callbacks.signal._target_=killer.SignalAt", f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.marker={tmp_path / 'sent'}", f"+callbacks.signal.sig={int(signal.SIGINT)}",
+    ], pythonpath=tmp_path)
+    return run, proc
+
+
+def test_sigint_saves_a_resumable_last_ckpt_and_exits_130(tmp_path, tiny_model_dir, tiny_data):
+    """Ctrl+C mid-epoch: exit 130 (128 + SIGINT), ``status: interrupted``, and a last.ckpt with
+    the whole training state (weights, optimizer, scheduler, loop position, the loader's place
+    in the epoch, the RNG states) at the step where it stopped."""
+    import torch
+
+    run, proc = _interrupt_with_sigint(tmp_path, tiny_model_dir, tiny_data)
+    assert proc.returncode == 128 + signal.SIGINT == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGINT" and record["global_step"] == 3
+    assert record["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert record["resume"] == f"python train.py resume={run}"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 3
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
+    assert ckpt["optimizer_states"][0]["state"] and ckpt["lr_schedulers"][0]["last_epoch"] == 3
+    assert any("RNGState" in k for k in ckpt["callbacks"])
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert not (run / "model").exists()  # stopped: no test, no export
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigint_resumes_to_completion(tmp_path, tiny_model_dir, tiny_data):
+    """The last.ckpt that Ctrl+C left is resumable: ``resume=<run>`` finishes the epoch in place."""
+    run, proc = _interrupt_with_sigint(tmp_path, tiny_model_dir, tiny_data)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    resumed = cli([f"resume={run}", f"hydra.run.dir={tmp_path / 'fresh'}"], pythonpath=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["status"] == "completed" and (record["global_step"], record["epochs"]) == (6, 1)
+    assert record["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert (run / "model" / "model.safetensors").is_file()

@@ -129,3 +129,38 @@ def test_wrong_method_and_path(server):
     assert server.get("/predict").status_code == 405
     assert server.get("/nope").status_code == 404
     assert server.get("/health").status_code == 200
+
+
+def _serve_config(*overrides: str):
+    """conf/serve.yaml composed as ``python serve.py ...`` composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="serve", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("overrides, host, port", [
+    ([], "127.0.0.1", 8000),                              # the default: loopback only
+    (["port=8123"], "127.0.0.1", 8123),
+    (["host=0.0.0.0", "port=9000"], "0.0.0.0", 9000),     # opening up is an explicit choice
+])
+def test_serve_binds_loopback_unless_told_otherwise(exported, monkeypatch, overrides, host, port):
+    """What ``sftlab.deploy.serve.main`` hands to uvicorn, without starting a server."""
+    import uvicorn
+
+    from sftlab.deploy import serve
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    cfg = _serve_config(f"model_dir={exported}", *overrides)
+    assert cfg.host == host
+    serve.main(cfg)
+    assert len(calls) == 1
+    app, kw = calls[0]
+    assert (kw["host"], kw["port"]) == (host, port)
+    assert app.state.classifier.labels == LABELS  # the app serves the model it was given

@@ -42,10 +42,17 @@ def make(name: str, **kw):
                "discriminative": S.Discriminative, "bitfit": S.BitFit, "lora": S.Lora}
     defaults = {"partial": {"trainable_layers": 1}, "gradual": {"initial_layers": 1, "unfreeze_every_steps": 2},
                 "lora": {"r": 2}}
+    if name not in classes:  # a preset of a class (discriminative_ulmfit): built from its YAML
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        return instantiate(OmegaConf.load(CONF / f"{name}.yaml"), **kw)
     return classes[name](**{**defaults.get(name, {}), **kw})
 
 
-STRATEGIES = ["full", "head_only", "partial", "gradual", "discriminative", "bitfit", "lora"]
+# the README's eight strategies (conf/strategy/*.yaml; test_expected_yaml_set keeps them in step)
+STRATEGIES = ["full", "head_only", "partial", "gradual", "discriminative", "discriminative_ulmfit", "bitfit",
+              "lora"]
 
 
 def expected_trainable(name: str, layer_map) -> set[str]:
@@ -58,7 +65,7 @@ def expected_trainable(name: str, layer_map) -> set[str]:
         for n, _ in part.params:
             if part.kind in ("head", "pooler"):
                 ok = True  # every strategy trains head and pooler (train_pooler defaults to true)
-            elif name in ("full", "discriminative"):
+            elif name in ("full", "discriminative", "discriminative_ulmfit"):
                 ok = True
             elif name == "head_only":
                 ok = False
@@ -159,6 +166,14 @@ def test_bad_values_raise_one_sentence(name, kw, match):
         make(name, **kw)
 
 
+
+def test_the_matrix_covers_every_strategy_the_readme_lists():
+    """The architecture x strategy tests below run every conf/strategy preset, as the YAML has it."""
+    assert sorted(STRATEGIES) == sorted(p.stem for p in CONF.glob("*.yaml"))
+    ulmfit = make("discriminative_ulmfit")
+    assert ulmfit.name == "discriminative_ulmfit" and ulmfit.lr_decay == pytest.approx(1 / 2.6, abs=1e-4)
+
+
 # ------------------------------------------------------------------------------ what trains
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -208,7 +223,8 @@ def test_describe_rows(name):
     head = rows[-1]
     assert head["trainable"] is True and head["lr"] == LR
     emb = rows[0]["trainable"]
-    expected = {"full": True, "discriminative": True, "head_only": False, "partial": False,
+    expected = {"full": True, "discriminative": True, "discriminative_ulmfit": True, "head_only": False,
+                "partial": False,
                 "gradual": "from step 6", "bitfit": "biases (32)", "lora": False}[name]
     assert emb == expected
     if name == "bitfit":

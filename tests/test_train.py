@@ -155,3 +155,82 @@ def test_local_tsv_with_string_labels(compose, tmp_path):
     config = AutoConfig.from_pretrained(Path(cfg.paths.output_dir) / "model")
     assert config.num_labels == 2 and config.id2label == {0: "negative", 1: "positive"}
     assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+# ------------------------------------------------- promises of the README, on tiny real runs
+def test_metrics_json_has_per_class_keys_that_match_the_confusion_matrix(compose, tmp_path):
+    """A real run's metrics.json: ``test/{f1,precision,recall}/<label>`` for every label (``Sci/Tech``
+    as ``Sci_Tech``) and ``val/f1_macro``; the per-class numbers are those of the saved test
+    confusion matrix, and the macro F1 is their mean."""
+    cfg, _ = run_train(compose, "export=false", out=tmp_path / "run")
+    run = Path(cfg.paths.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    labels = ["World", "Sports", "Business", "Sci_Tech"]
+    for kind in ("f1", "precision", "recall"):
+        assert {k.split("/", 2)[2] for k in saved if k.startswith(f"test/{kind}/")} == set(labels), kind
+    assert "val/f1_macro" in saved and "test/f1/Sci/Tech" not in saved
+
+    rows = [line.split(",") for line in (run / "confusion_matrix.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["World", "Sports", "Business", "Sci/Tech"]
+    cm = [[int(x) for x in r[1:]] for r in rows]
+    f1s = []
+    for i, label in enumerate(labels):
+        tp, true, predicted = cm[i][i], sum(cm[i]), sum(row[i] for row in cm)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / true if true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert saved[f"test/precision/{label}"] == pytest.approx(precision, abs=1e-6), label
+        assert saved[f"test/recall/{label}"] == pytest.approx(recall, abs=1e-6), label
+        assert saved[f"test/f1/{label}"] == pytest.approx(f1, abs=1e-6), label
+        f1s.append(f1)
+    assert saved["test/f1_macro"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-6)
+    assert saved["test/acc"] == pytest.approx(sum(cm[i][i] for i in range(4)) / 24, abs=1e-6)
+
+
+def test_early_stopping_stops_before_max_epochs(compose, tmp_path):
+    """``callbacks.early_stopping.enable=true`` with patience 1, on a run whose val/acc cannot
+    change (an LR far too small to move a weight): it stops after the second epoch, not the fifth."""
+    cfg, metrics = run_train(
+        compose, "callbacks.early_stopping.enable=true", "callbacks.early_stopping.patience=1",
+        "trainer.max_epochs=5", "optimizer.lr=1e-30", "export=false", "test=false", out=tmp_path / "run")
+    saved = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    steps_per_epoch = 48 // 8
+    # epoch 0 sets the best val/acc, epoch 1 does not beat it: patience 1 is used up
+    assert saved["status"] == "completed"
+    assert (saved["epochs"], saved["global_step"]) == (2, 2 * steps_per_epoch)
+    assert saved["global_step"] < cfg.trainer.max_epochs * steps_per_epoch
+
+
+def test_ckpt_path_starts_a_new_run_from_another_runs_checkpoint(compose, tmp_path):
+    """``ckpt_path=<old run>/checkpoints/last.ckpt``: a new run in its own dir, starting at the
+    old run's global step (its training state loaded), the old run's files untouched."""
+    import hashlib
+
+    import torch
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def logged_steps(run: Path) -> list[int]:
+        import csv
+
+        with open(run / "csv" / "metrics.csv", encoding="utf-8") as fh:
+            return [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+
+    old_cfg, old = run_train(compose, "export=false", "test=false", out=tmp_path / "old")
+    old_run = Path(old_cfg.paths.output_dir)
+    last = old_run / "checkpoints" / "last.ckpt"
+    assert old["global_step"] == 6 and torch.load(last, weights_only=True)["global_step"] == 6
+    before = digest(old_run)
+
+    new_cfg, new = run_train(compose, f"ckpt_path={last}", "trainer.max_epochs=2", "export=false", "test=false",
+                             out=tmp_path / "new")
+    new_run = Path(new_cfg.paths.output_dir)
+    assert new_run != old_run and (new_run / "metrics.json").is_file()
+    # it continued from step 6: one more epoch of 6 steps, and its log starts after step 6
+    assert (new["global_step"], new["epochs"]) == (12, 2)
+    assert min(logged_steps(old_run)) < 6 <= min(logged_steps(new_run))
+    assert torch.load(new_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert json.loads((new_run / "metrics.json").read_text())["global_step"] == 12
+    assert digest(old_run) == before  # nothing of the old run changed
