@@ -22,7 +22,7 @@ DIR ?= $(shell ls -td outputs/*/multirun/*/ 2>/dev/null | head -1)
 # make wandb-sweep: the W&B sweep file to register
 SWEEP ?= sweeps/lr_strategy.yaml
 
-.PHONY: distclean install train test test-slow test-all lint format clean bench strategies report wandb-sweep help
+.PHONY: distclean install train test test-slow test-all test-min lint format clean bench strategies report wandb-sweep help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,20 @@ test-slow:  ## only the slow acceptance tests (kill-and-resume, DDP, sweeps; CI 
 
 test-all:  ## every test, the slow ones too
 	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+# make test-min: the lower bounds of pyproject.toml, checked (constraints-min.txt)
+MIN_VENV ?= .cache/venv-min
+MIN_TESTS ?= tests/test_data.py tests/test_fast_dropout.py tests/test_console.py tests/test_loggers.py \
+  tests/test_train.py::test_end_to_end_train_test_export_and_eval "tests/test_strategies.py::test_lora_export_merges_adapters_into_a_plain_model"
+
+test-min:  ## the declared lower bounds (constraints-min.txt) in MIN_VENV over this environment, a fast test subset
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(MIN_VENV)
+	@# the packages of this environment (a venv's own, which --system-site-packages does not see) after the pinned ones
+	@$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(MIN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_sftlab_parent.pth"
+	$(MIN_VENV)/bin/python -m pip install -q -r constraints-min.txt
+	PYTHONPATH=$(CURDIR)/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false \
+	  $(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 bench:  ## training throughput, one epoch per arm (~20 min): HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
 	$(PYTHON) benchmarks/throughput.py $(ARGS)

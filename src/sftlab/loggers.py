@@ -1,4 +1,5 @@
-"""Experiment loggers that need more than a ``_target_``: W&B that works with or without an account.
+"""Experiment loggers that need more than a ``_target_``: W&B that works with or without an account,
+and TensorBoard that says how to install it when its package is missing.
 
 Why a factory rather than ``_target_: WandbLogger`` directly: the same command must work on a
 laptop with credentials (online), on a cluster node without them, and in CI (offline, files
@@ -14,6 +15,7 @@ W&B group and the folder on disk share one name. A single run has no group.
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 from pathlib import Path
@@ -72,6 +74,29 @@ def wandb_logger(
         log_model=False if is_offline else log_model,
         **kwargs,
     )
+
+
+#: the one sentence a run without TensorBoard's package ends with (``logger=tensorboard``/``many``)
+TENSORBOARD_MISSING = (
+    "logger=tensorboard needs the tensorboard package; pip install 'sftlab[tensorboard]' "
+    "(or use logger=csv)."
+)
+
+
+def tensorboard_logger(*, save_dir: str, **kwargs: Any):
+    """Lightning's ``TensorBoardLogger``, or a :class:`~sftlab.errors.ConfigError` up front.
+
+    Why a factory: ``tensorboard`` is an optional extra (``sftlab[tensorboard]``), and without it
+    (and without ``tensorboardX``, which Lightning's logger also writes with) Lightning raises a
+    ``ModuleNotFoundError`` that Hydra wraps in a multi-line instantiation error.
+    """
+    from sftlab.errors import ConfigError
+
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        raise ConfigError(TENSORBOARD_MISSING)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=save_dir, **kwargs)
 
 
 def multirun_group(task_name: str) -> str | None:
