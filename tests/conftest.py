@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import csv  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -97,6 +98,153 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ----------------------------------------------------------------------------- a toy run that separates
+# A keyword task: every text is 2-10 words of its class's vocabulary plus 0-3 neutral words, so
+# a tiny BERT can learn it in a few epochs. Label ids are the AG News ones (data=ag_news names
+# them World, Sports, Business, Sci/Tech). Every word is one token of the embedded tokenizer.
+TOY_KEYWORDS = [["election", "embassy", "treaty"], ["football", "tennis", "olympics"],
+                ["stocks", "profit", "bank"], ["software", "robot", "galaxy"]]
+TOY_FILLER = ("the a report said today this week new people city more about many after "
+              "officials early late local story update").split()
+TOY_SPLITS = (("train", 48, 1), ("validation", 24, 2), ("test", 24, 3))
+
+
+def toy_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 4
+        words = rng.choices(TOY_KEYWORDS[label], k=rng.randint(2, 10))
+        words += rng.choices(TOY_FILLER, k=rng.randint(0, 3))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    """48 / 24 / 24 rows of the keyword task (balanced, shuffled, texts of 2-13 words)."""
+    out = tmp_path_factory.mktemp("toy_keywords")
+    return {split: write_rows(out / f"{split}.csv", toy_rows(n, seed)) for split, n, seed in TOY_SPLITS}
+
+
+def compose_config(overrides: list[str], config: str = "train"):
+    """A config composed the way train.py does, for module- and session-scoped fixtures (the
+    ``compose`` fixture is function-scoped)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name=config, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@dataclass
+class ToyRun:
+    """A finished run and what its test pass wrote, in the test file's row order."""
+
+    run: Path                  # the run dir (holds model/, test_predictions.csv, metrics.json)
+    texts: list[str]           # the test file's texts
+    labels: list[str]          # class names in id order (the p_<name> columns)
+    expected: list[list[float]]  # per row: the test pass's class probabilities
+    predicted: list[str]       # per row: the test pass's label
+    metrics: dict
+
+
+def read_test_pass(run: Path, test_file: Path) -> ToyRun:
+    """``test_predictions.csv`` of ``run`` next to the texts of ``test_file``, in file row order."""
+    import json
+
+    with open(test_file, encoding="utf-8") as fh:
+        texts = [r["text"] for r in csv.DictReader(fh)]
+    with open(run / "test_predictions.csv", encoding="utf-8") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: int(r["idx"]))
+    assert [int(r["idx"]) for r in rows] == list(range(len(texts)))
+    labels = [c[2:] for c in rows[0] if c.startswith("p_")]
+    return ToyRun(run=run, texts=texts, labels=labels,
+                  expected=[[float(r[f"p_{n}"]) for n in labels] for r in rows],
+                  predicted=[r["label"] for r in rows],
+                  metrics=json.loads((run / "metrics.json").read_text()))
+
+
+def assert_rows_agree(labels: list[str], got_labels: list[str], got_probs: list[list[float]],
+                      want: ToyRun, tol: float = 1e-4) -> None:
+    """Another way to predict agrees with the test pass row by row: same label and class
+    probabilities within ``tol`` for each row, in the test file's order; and the rows really
+    differ (at least 3 of the 4 labels occur), so a shuffle of rows cannot go unnoticed."""
+    assert labels == want.labels
+    assert len(got_labels) == len(got_probs) == len(want.expected)
+    assert len(set(want.predicted)) >= 3, f"the test pass predicts too few classes: {want.predicted}"
+    assert got_labels == want.predicted
+    for i, (got, exp) in enumerate(zip(got_probs, want.expected, strict=True)):
+        assert max(abs(a - b) for a, b in zip(got, exp, strict=True)) < tol, (i, got, exp)
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """The tiny BERT of ``tiny_model_dir`` initialised wider (initializer_range=0.1, also the
+    head's), which learns the keyword task in a few epochs."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sftlab.resolvers import embedded_model_path
+
+    out = tmp_path_factory.mktemp("toy_bert")
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=128, initializer_range=0.1,
+    )
+    BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory, toy_model_dir, toy_data) -> ToyRun:
+    """The toy model trained through ``sftlab.train.train`` (6 epochs, ~10 s) until it separates
+    the keyword task: its test predictions differ between rows and are mostly right, so the
+    deploy checks that compare prediction paths row by row mean something."""
+    import torch
+
+    from sftlab.train import train
+
+    root = tmp_path_factory.mktemp("toy_run")
+    run = root / "run"
+    cfg = compose_config([
+        f"paths.output_dir={run}", f"hydra.run.dir={run}", f"paths.cache_dir={root / 'cache'}",
+        f"model.name_or_path={toy_model_dir}", f"data.train_file={toy_data['train']}",
+        f"data.validation_file={toy_data['validation']}", f"data.test_file={toy_data['test']}",
+        "model.max_length=32", "data.batch_size=8", "data.eval_batch_size=16",
+        "trainer.max_epochs=6", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "optimizer.lr=5e-3", "+trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model gains nothing from more on a shared box
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    toy = read_test_pass(run, toy_data["test"])
+    # the fixture's own honesty: the model learned the task, so its labels follow the texts
+    assert toy.metrics["test/acc"] >= 0.9, toy.metrics["test/acc"]
+    assert len(set(toy.predicted)) == 4, toy.predicted
+    return toy
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ subprocess test at the end.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -19,24 +18,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_rows_agree, compose_config, read_test_pass
 
 STRATEGIES = ["full", "head_only", "partial", "gradual", "discriminative",
               "discriminative_ulmfit", "bitfit", "lora"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, tiny_data):
-    """Train the tiny model once per strategy (default strategy config); name -> run dir.
+def runs(tmp_path_factory, toy_run, toy_data):
+    """Train once per strategy (default strategy config); name -> run dir.
 
-    Module-scoped so that the checks below share eight ~2 s runs instead of repeating them.
-    The ``compose`` fixture is function-scoped, so the composition is done here the same way.
+    Each run starts from ``toy_run``'s exported model (conftest.py: the tiny 2-block BERT
+    already trained on the keyword task) and trains one epoch on the same data, so the test
+    predictions of every strategy differ between rows and the export check below compares
+    more than one constant answer. Module-scoped so that the checks below share eight ~2 s runs.
     """
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
     from sftlab.train import train
 
@@ -51,24 +48,17 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data):
             run = root / name
             overrides = [
                 f"strategy={name}", f"paths.output_dir={run}", f"hydra.run.dir={run}",
-                f"paths.cache_dir={root / 'cache'}", f"model.name_or_path={tiny_model_dir}",
-                f"data.train_file={tiny_data['train']}", f"data.validation_file={tiny_data['validation']}",
-                f"data.test_file={tiny_data['test']}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                f"paths.cache_dir={root / 'cache'}", f"model.name_or_path={toy_run.run / 'model'}",
+                f"data.train_file={toy_data['train']}", f"data.validation_file={toy_data['validation']}",
+                f"data.test_file={toy_data['test']}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                 "+trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
                 "data.batch_size=8", "data.eval_batch_size=16", "model.max_length=32",
                 "~callbacks.progress_bar", "optimizer.lr=1e-3",
             ] + (["strategy.trainable_layers=2"] if name == "partial" else [])  # the tiny model has 2 blocks
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)
-            with open_dict(cfg):
-                del cfg["hydra"]
-            train(cfg)
+            train(compose_config(overrides))
             out[name] = run
     finally:
         torch.set_num_threads(threads)
-    GlobalHydra.instance().clear()
     return out
 
 
@@ -126,9 +116,10 @@ def test_every_strategy_writes_metrics_with_the_expected_trainable_params(runs, 
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_export_is_a_plain_transformers_model_that_reproduces_the_test_predictions(runs, name, tiny_data):
+def test_export_is_a_plain_transformers_model_that_reproduces_the_test_predictions(runs, name, toy_data):
     """The exported folder loads with AutoModelForSequenceClassification alone (LoRA merged)
-    and predicts what the test pass predicted, so the export is the model that was scored."""
+    and predicts what the test pass predicted, row by row and under the same class names, so
+    the export is the model that was scored (and the rows differ: at least 3 labels occur)."""
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -142,14 +133,13 @@ def test_export_is_a_plain_transformers_model_that_reproduces_the_test_predictio
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert type(model).__name__ == "BertForSequenceClassification"
     tok = AutoTokenizer.from_pretrained(folder)
-    with open(tiny_data["test"], encoding="utf-8") as fh:
-        texts = [r["text"] for r in csv.DictReader(fh)]
+    want = read_test_pass(run, toy_data["test"])
     with torch.inference_mode():
-        enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
-        probs = model(**enc).logits.softmax(-1)
-    rows = [line.split(",") for line in (run / "test_predictions.csv").read_text().splitlines()[1:]]
-    expected = torch.tensor([[float(x) for x in r[4:]] for r in rows])
-    assert torch.allclose(expected, probs, atol=1e-4), name
+        enc = tok(want.texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+        probs = model(**enc).logits.softmax(-1).tolist()
+    id2label = model.config.id2label
+    names = [id2label[i] for i in range(len(id2label))]
+    assert_rows_agree(names, [names[max(range(len(p)), key=p.__getitem__)] for p in probs], probs, want)
 
 
 def test_lora_export_loads_with_peft_unimportable(runs):

@@ -91,6 +91,11 @@ def test_predict_matches_classifier(server, exported):
     assert res.status_code == 200, res.text
     preds = res.json()["predictions"]
     expected = Classifier.load(exported).predict(TEXTS)
+    # the rows differ (by > 0.01, 100x the tolerance, in some class): rows out of order fail
+    for i in range(len(TEXTS)):
+        for j in range(i):
+            assert max(abs(expected[i]["probabilities"][k] - expected[j]["probabilities"][k])
+                       for k in LABELS) > 0.01, (i, j)
     assert len(preds) == len(TEXTS)
     for p, e in zip(preds, expected, strict=True):
         assert set(p) == {"label", "label_id", "score", "probabilities"}

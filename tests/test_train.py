@@ -86,13 +86,19 @@ def run_train(compose, *overrides, out=None):
     return cfg, metrics
 
 
-def test_end_to_end_train_test_export_and_eval(compose, tmp_path):
+def test_end_to_end_train_test_export_and_eval(compose, tmp_path, toy_run, toy_data):
     import torch
+    from conftest import assert_rows_agree, read_test_pass
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from sftlab.evaluate import evaluate
 
-    cfg, metrics = run_train(compose, out=tmp_path / "run")
+    # the keyword task (conftest.py), from the toy model that already separates it: the test
+    # predictions differ between rows, so the agreement check below can catch a shuffle
+    toy = [f"data.train_file={toy_data['train']}", f"data.validation_file={toy_data['validation']}",
+           f"data.test_file={toy_data['test']}"]
+    cfg, metrics = run_train(compose, f"model.name_or_path={toy_run.run / 'model'}", *toy,
+                             out=tmp_path / "run")
     run = Path(cfg.paths.output_dir)
     saved = json.loads((run / "metrics.json").read_text())
     for key in ("val/acc", "val/f1_macro", "test/acc", "test/f1_macro", "train_time_s",
@@ -105,25 +111,22 @@ def test_end_to_end_train_test_export_and_eval(compose, tmp_path):
     confusion = (run / "confusion_matrix.csv").read_text().splitlines()
     assert len(confusion) == 5 and sum(int(x) for line in confusion[1:] for x in line.split(",")[1:]) == 24
 
-    # the exported folder loads without sftlab and predicts what the test pass predicted
+    # the exported folder loads without sftlab and predicts what the test pass predicted, row
+    # by row under the same class names (and at least 3 classes occur)
     model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     tok = AutoTokenizer.from_pretrained(run / "model")
-    assert model.config.id2label[3] == "Sci/Tech"
-    import csv
-
-    with open(cfg.data.test_file, encoding="utf-8") as fh:
-        texts = [r["text"] for r in csv.DictReader(fh)]
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    assert names == ["World", "Sports", "Business", "Sci/Tech"]
+    want = read_test_pass(run, cfg.data.test_file)
     with torch.inference_mode():
-        enc = tok(texts, truncation=True, max_length=cfg.model.max_length, padding=True, return_tensors="pt")
+        enc = tok(want.texts, truncation=True, max_length=cfg.model.max_length, padding=True,
+                  return_tensors="pt")
         probs = model(**enc).logits.softmax(-1)
-    rows = [line.split(",") for line in (run / "test_predictions.csv").read_text().splitlines()[1:]]
-    assert [int(r[2]) for r in rows] == probs.argmax(-1).tolist()
-    expected = torch.tensor([[float(x) for x in r[4:]] for r in rows])
-    assert torch.allclose(expected, probs, atol=1e-4)
+    assert_rows_agree(names, [names[i] for i in probs.argmax(-1).tolist()], probs.tolist(), want)
 
     # eval.py on the exported model and on the best checkpoint reproduces the test metrics
     for source in (f"model_dir={run}", f"ckpt_path={saved['best_checkpoint']}"):
-        ecfg = compose(source, config="eval", out=tmp_path / "eval")
+        ecfg = compose(source, *toy, config="eval", out=tmp_path / "eval")
         em = evaluate(ecfg)
         assert em["test/acc"] == pytest.approx(saved["test/acc"], abs=1e-6), source
         assert em["test/f1_macro"] == pytest.approx(saved["test/f1_macro"], abs=1e-6), source
