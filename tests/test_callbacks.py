@@ -52,17 +52,92 @@ def test_train_time_excludes_validation_and_the_checkpointing_after_it(monkeypat
     assert c.first_step_s == 6.0
 
 
-def test_release_free_memory_trims_every_n_steps_and_after_validation():
+class FakeLibc:
+    """Records what the callback asks of glibc, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+
+def test_release_free_memory_trims_every_n_steps_and_after_validation(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(heap, "_glibc", lambda: fake)
     c = heap.ReleaseFreeMemory(every_n_steps=3, max_growth_mb=None)
-    assert c._trim is not None  # glibc here (Linux CI)
-    calls = []
-    c._trim = calls.append
+    trim = ("malloc_trim", 0)
     for i in range(7):
         c.on_train_batch_end(None, None, None, None, i)
-    assert len(calls) == 2  # after batches 3 and 6
+        assert fake.calls == [trim] * ((i + 1) // 3), i  # after batches 3 and 6 only
     c.on_validation_end(None, None)
-    assert calls == [0, 0, 0]
-    assert heap._glibc().malloc_trim(0) in (0, 1)  # the real call works
+    assert fake.calls == [trim] * 3
+    fake.calls.clear()
+    c.on_validation_end(None, None)  # every validation, not only once
+    assert fake.calls == [trim]
+    off = heap.ReleaseFreeMemory(every_n_steps=0, max_growth_mb=None)
+    fake.calls.clear()
+    for i in range(100):
+        off.on_train_batch_end(None, None, None, None, i)
+    assert fake.calls == []  # every_n_steps=0: no periodic trim
+
+
+def test_release_free_memory_sets_and_restores_the_heap_policy(monkeypatch):
+    """fit: no mmap for big blocks and no trim on free; afterwards glibc's values and one trim."""
+    fake = FakeLibc()
+    monkeypatch.setattr(heap, "_glibc", lambda: fake)
+    keep = [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # M_MMAP_MAX, M_TRIM_THRESHOLD
+    restore = [("mallopt", -4, 65536), ("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]
+    c = heap.ReleaseFreeMemory(every_n_steps=0)
+    c.setup(None, None, "validate")
+    c.setup(None, None, "test")
+    assert fake.calls == []  # only fit changes the policy
+    c.setup(None, None, "fit")
+    c.setup(None, None, "fit")  # twice: set once
+    assert fake.calls == keep
+    c.teardown(None, None, "validate")
+    assert fake.calls == keep  # only the end of fit restores
+    c.teardown(None, None, "fit")
+    assert fake.calls == keep + restore
+    c.teardown(None, None, "fit")
+    assert fake.calls == keep + restore  # restored once
+    fake.calls.clear()
+    c.setup(None, None, "fit")
+    c.on_exception(None, None, RuntimeError("boom"))  # Lightning skips teardown when fit raises
+    assert fake.calls == keep + restore
+    fake.calls.clear()
+    heap.ReleaseFreeMemory(keep_big_blocks=False).setup(None, None, "fit")
+    assert fake.calls == []
+
+
+def test_release_free_memory_hands_free_heap_pages_back_to_the_os():
+    """The real trim: 64 MiB freed in small blocks stays resident under the fit policy (no trim
+    on free) until the callback's trim after validation hands it back."""
+    import ctypes
+
+    c = heap.ReleaseFreeMemory(every_n_steps=0)
+    assert c._libc is not None  # glibc here (Linux CI)
+    libc = c._libc
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    c.setup(None, None, "fit")
+    try:
+        blocks = [libc.malloc(64 * 2**10) for _ in range(1024)]  # below the mmap threshold: heap
+        for b in blocks:
+            ctypes.memset(b, 1, 64 * 2**10)
+        for b in blocks:
+            libc.free(b)
+        before = heap._resident_bytes()
+        c.on_validation_end(None, None)
+        after = heap._resident_bytes()
+    finally:
+        c.teardown(None, None, "fit")
+    assert before - after > 48 * 2**20, (before, after)
 
 
 def test_release_free_memory_trims_when_resident_memory_grew(monkeypatch):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 from conftest import write_rows
 
 from sftlab.data import LengthGroupedBatchSampler, TextClassificationDataModule
+from sftlab.data.read import read_table
 from sftlab.errors import DataError
 
 
@@ -29,7 +32,16 @@ def test_ag_news_labels_and_batches(tokenizer, tiny_data, tmp_path):
                  label_names=["World", "Sports", "Business", "Sci/Tech"], batch_size=8)
     assert dm.label_names == ["World", "Sports", "Business", "Sci/Tech"]
     dm.setup()
-    assert {len(dm.datasets[s]) for s in ("train", "validation", "test")} == {48, 24}
+    # each split holds its own file's rows, in file order: texts (as tokens) and labels
+    for split in ("train", "validation", "test"):
+        with open(tiny_data[split], encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        ds = dm.datasets[split]
+        assert len(ds) == len(rows) == {"train": 48, "validation": 24, "test": 24}[split], split
+        assert [int(i) for i in ds["idx"]] == list(range(len(rows)))
+        assert [int(y) for y in ds["labels"]] == [int(r["label"]) for r in rows], split
+        expected = tokenizer([r["text"] for r in rows], truncation=True, max_length=32)["input_ids"]
+        assert [x.tolist() for x in ds["input_ids"]] == expected, split
     batches = list(dm.train_dataloader())
     seen = sorted(i for b in batches for i in b["idx"].tolist())
     assert seen == list(range(48))  # every example once per epoch
@@ -72,15 +84,35 @@ def test_second_identical_setup_hits_the_cache(tokenizer, tiny_data, tmp_path):
     assert third.cache_hit is False
 
 
-def test_jsonl_and_parquet(tokenizer, tmp_path):
+@pytest.mark.parametrize("labels", ["ints", "names"])
+def test_jsonl_and_parquet_read_the_same_rows_as_csv(tokenizer, tmp_path, labels):
     import pandas as pd
 
-    df = pd.DataFrame({"text": [f"row {i}" for i in range(12)], "label": [i % 3 for i in range(12)]})
-    df.to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    names = ["eel", "cat", "dog"]  # unsorted: ids come from the sorted names
+    texts = [f'Row {i}, "quoted", É{"!" * i}' for i in range(12)]
+    label_col = [i % 3 if labels == "ints" else names[i % 3] for i in range(12)]
+    df = pd.DataFrame({"text": texts, "label": label_col})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_json(tmp_path / "d.jsonl", orient="records", lines=True, force_ascii=False)
     df.to_parquet(tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.parquet"):
-        dm = make_dm(tokenizer, tmp_path / name, train_file=str(tmp_path / name), val_fraction=0.34)
-        assert dm.label_names == ["0", "1", "2"]
+    label_names = ["0", "1", "2"] if labels == "ints" else sorted(names)
+    ids = [label_names.index(str(v)) for v in label_col]
+    expected = tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    for name in ("d.csv", "d.jsonl", "d.parquet"):
+        path = str(tmp_path / name)
+        raw = read_table(path, "train")  # the exact texts and labels (tokens are lower-cased)
+        assert raw["text"].tolist() == texts, name
+        assert [str(v) for v in raw["label"]] == [str(v) for v in label_col], name
+        dm = make_dm(tokenizer, tmp_path / f"for_{name}", train_file=path, validation_file=path,
+                     test_file=path)
+        assert dm.label_names == label_names, name
+        dm.setup()
+        for split in ("train", "validation", "test"):
+            ds = dm.datasets[split]
+            assert [int(y) for y in ds["labels"]] == ids, (name, split)
+            assert [x.tolist() for x in ds["input_ids"]] == expected, (name, split)
+            assert tokenizer.decode(ds["input_ids"][5], skip_special_tokens=True) == \
+                tokenizer.decode(expected[5], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,67 @@
 """DDP correctness on CPU: two gloo processes score every example exactly once, and only rank 0 writes.
 
-The 2-process run goes through ``python train.py trainer=ddp ...``, the way users start it:
-Lightning re-launches the script for rank 1 inside rank 0's Hydra run dir.
+The 2-process run goes through ``train.py trainer=ddp ...``, the way users start it:
+Lightning re-launches the script for rank 1 inside rank 0's Hydra run dir. The script runs
+under an audit hook that records every file each process writes, so "only rank 0 writes" is
+checked on the files themselves.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from test_reliability import cli, tiny_args
+
+# train.py run with an audit hook (PEP 578) that records, per process, every path it opens for
+# writing, renames onto, creates or removes. Lightning re-launches ``sys.argv[0]`` for rank 1,
+# so rank 1 runs under the hook too, and what it wrote is on record, not inferred from a log.
+RECORDING_TRAIN = """
+import os, sys
+
+rank = os.environ.get("LOCAL_RANK", "0")  # Lightning sets it for the ranks it launches
+record = open(os.environ["SFTLAB_TEST_WRITES"], "a", buffering=1, encoding="utf-8")
+record.write(f"{rank}\\tstart\\t{os.getpid()}\\n")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+TARGET_ARG = {"os.rename": 1, "os.link": 1, "os.symlink": 1, "shutil.copyfile": 1,
+              "shutil.move": 1, "os.mkdir": 0, "os.remove": 0, "os.rmdir": 0, "os.truncate": 0,
+              "shutil.rmtree": 0, "os.chmod": 0, "os.utime": 0}
+
+
+def hook(event, args):
+    try:
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if mode else bool((flags or 0) & WRITE_FLAGS)
+        elif event in TARGET_ARG:
+            path, writing = args[TARGET_ARG[event]], True
+        else:
+            return
+        if writing and isinstance(path, str | bytes | os.PathLike):
+            record.write(f"{rank}\\t{event}\\t{os.path.abspath(os.fsdecode(path))}\\n")
+    except Exception:  # never disturb the run (e.g. the record closed at shutdown)
+        pass
+
+
+sys.addaudithook(hook)
+script = os.path.join(ROOT, "train.py")
+sys.path[0] = ROOT  # as when train.py itself is the script
+with open(script, encoding="utf-8") as fh:
+    code = compile(fh.read(), script, "exec")
+exec(code, {"__name__": "__main__", "__file__": script, "__builtins__": __builtins__})
+"""
+
+
+def writes_by_rank(record: Path) -> dict[str, list[tuple[str, Path]]]:
+    out = defaultdict(list)
+    for line in record.read_text(encoding="utf-8").splitlines():
+        rank, event, path = line.split("\t")
+        out[rank].append((event, Path(path)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +88,38 @@ def test_two_process_metrics_equal_a_single_process_evaluation(tmp_path, tiny_da
     from sftlab.evaluate import evaluate
 
     logs = tmp_path / "logs"
+    script = tmp_path / "recording_train.py"
+    script.write_text(f"ROOT = {str(ROOT)!r}\n" + RECORDING_TRAIN, encoding="utf-8")
+    record = tmp_path / "writes.tsv"
     proc = cli(tiny_args(varied_model_dir, tiny_data, tmp_path) + [
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
         # 24 validation/test rows in batches of 10: rank 0 scores 10 + 4, rank 1 scores 10; a
         # sampler that padded ranks to equal length would count 6 of them twice
         "data.eval_batch_size=10", "optimizer.lr=1e-4", f"paths.log_dir={logs}",
-    ], timeout=540)
+    ], timeout=540, script=str(script), env={"SFTLAB_TEST_WRITES": str(record)})
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     runs = list((logs / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # rank 1 ran inside rank 0's dir and made none of its own
     run = runs[0]
+    # one set of results in the whole log tree
+    for name, where in (("metrics.json", {run, run / "model"}), ("config.yaml", {run, run / ".hydra"}),
+                        ("test_predictions.csv", {run}), ("confusion_matrix.csv", {run}),
+                        ("model.safetensors", {run / "model"}), ("*.ckpt", {run / "checkpoints"})):
+        assert {p.parent for p in logs.rglob(name)} == where, name
+
+    # only rank 0 wrote into the run dir: every write of both processes is on record
+    writes = writes_by_rank(record)
+    assert [e for e, _ in writes["0"]].count("start") == 1
+    assert [e for e, _ in writes["1"]].count("start") == 1  # rank 1 ran, and under the hook
+    written0 = {p.relative_to(run) for _, p in writes["0"] if p.is_relative_to(run)}
+    assert {Path("config.yaml"), Path("metrics.json"), Path("test_predictions.csv"),
+            Path("model/config.json"), Path("checkpoints/last.ckpt")} <= written0  # the hook sees
+    written1 = {(e, p.relative_to(run)) for e, p in writes["1"] if p.is_relative_to(run)}
+    # Hydra's start-up in every process: make the run dir (it exists: a no-op) and open the
+    # run's log for appending; sftlab detaches that log on rank 1 before anything is logged
+    # (the log's text is checked below)
+    assert written1 <= {("os.mkdir", Path(".")), ("open", Path("train.log"))}, sorted(written1)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed"
 

@@ -171,13 +171,29 @@ def test_classifier_api_details(exported, tmp_path):
         clf.predict(["ok", 3])
 
 
-def test_bf16_is_close(exported):
+def test_bf16_runs_in_bf16_and_is_close(exported):
+    """bf16 really computes in bfloat16 (every Linear's output, seen by a forward hook), so its
+    probabilities move, by float noise only; fp32 stays float32 throughout."""
+    import torch
+
     from sftlab.deploy import Classifier
 
+    def probs_and_dtypes(precision: str):
+        clf = Classifier.load(exported, precision=precision)
+        seen = []
+        for m in clf.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        return clf.predict_proba(texts), set(seen), len(seen)
+
     texts = ag_news_texts(8)
-    fp32 = Classifier.load(exported).predict_proba(texts)
-    bf16 = Classifier.load(exported, precision="bf16").predict_proba(texts)
-    assert abs(fp32 - bf16).max() < 0.05
+    fp32, fp32_dtypes, n32 = probs_and_dtypes("fp32")
+    bf16, bf16_dtypes, n16 = probs_and_dtypes("bf16")
+    assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}
+    assert n32 == n16 > 0  # the same forwards, the head included
+    assert fp32.dtype == bf16.dtype == "float32"  # the probabilities come back as float32
+    diff = abs(fp32 - bf16).max()
+    assert 1e-5 < diff < 0.05, diff
 
 
 def test_deploy_does_not_import_lightning():

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import types
+
+import pytest
 import torch
 
 
-def test_gradient_clipping_under_bf16_with_fused_adamw(tiny_model_dir):
-    """Lightning refuses to clip for fused optimizers under mixed precision; we clip ourselves."""
+def grad_norm(optimizer) -> float:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def grad_max(optimizer) -> float:
+    return max(p.grad.abs().max().item() for g in optimizer.param_groups for p in g["params"]
+               if p.grad is not None)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_under_bf16_with_fused_adamw(tiny_model_dir, algorithm):
+    """Lightning refuses to clip for fused optimizers under mixed precision; we clip ourselves:
+    every step's gradients are larger than the bound before the hook and within it after."""
     import functools
 
     import lightning.pytorch as pl
@@ -16,22 +31,58 @@ def test_gradient_clipping_under_bf16_with_fused_adamw(tiny_model_dir):
 
     module = TextClassifier(str(tiny_model_dir), ["a", "b"],
                             optimizer=functools.partial(torch.optim.AdamW, lr=1.0, fused=True))
-    norms = []
+    measure = grad_norm if algorithm == "norm" else grad_max
+    before, after, norm_after = [], [], []
     original = module.configure_gradient_clipping
 
     def clip_and_record(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        before.append(measure(optimizer))
         original(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        after.append(measure(optimizer))
+        norm_after.append(grad_norm(optimizer))
 
     module.configure_gradient_clipping = clip_and_record
     batch = {"input_ids": torch.randint(1000, 2000, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
              "labels": torch.tensor([0, 1, 0, 1])}
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3,
+                         gradient_clip_algorithm=algorithm,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(module, DataLoader([batch] * 4, batch_size=None))
-    assert norms and all(n <= 1e-3 * 1.01 for n in norms)
+    assert len(before) == len(after) == 2  # once per optimizer step
+    assert all(b > 10 * 1e-3 for b in before), before  # clipping had work to do
+    assert all(a <= 1e-3 * 1.01 for a in after), after
+    # the bound is reached: rescaled to it (norm), or the largest entries cut to it (value),
+    # which leaves the many entries at the bound with a norm far above it
+    assert after == pytest.approx([1e-3] * 2, rel=0.01)
+    if algorithm == "value":
+        assert all(n > 10 * 1e-3 for n in norm_after), norm_after
+
+
+def test_gradient_clipping_defers_to_lightning_with_a_loss_scaler_and_is_off_without_a_value(tiny_model_dir):
+    """fp16's scaler: gradients are still scaled here, so Lightning (which unscales) clips."""
+    from sftlab.model import TextClassifier
+
+    module = TextClassifier(str(tiny_model_dir), ["a", "b"])
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), 5.0)
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    deferred = []
+    module.clip_gradients = lambda *args: deferred.append(args)
+
+    module._trainer = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=object()))
+    module.configure_gradient_clipping(optimizer, 0.5, "norm")
+    assert deferred == [(optimizer, 0.5, "norm")]
+    assert param.grad.tolist() == [5.0] * 3  # not clipped twice (once here, once by Lightning)
+
+    deferred.clear()
+    module._trainer = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=None))
+    for value in (None, 0):
+        module.configure_gradient_clipping(optimizer, value, "norm")
+    assert deferred == [] and param.grad.tolist() == [5.0] * 3  # no clip value: no clipping
+    module.configure_gradient_clipping(optimizer, 0.5, "value")
+    assert deferred == [] and param.grad.tolist() == [0.5] * 3  # no scaler: clipped here
+
 
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +48,36 @@ def test_objects_instantiate(compose, group, option):
 
     cfg = compose(f"{group}={option}")
     if group == "optimizer":
-        opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
-        assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+        # every group gets the configured lr and weight decay, as torch stores them
+        opt = instantiate(cfg.optimizer)([
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5, "weight_decay": 0.0},
+            {"params": [torch.nn.Parameter(torch.zeros(2))]},
+        ])
+        assert type(opt).__name__ == cfg.optimizer._target_.rsplit(".", 1)[1]
+        assert [g["lr"] for g in opt.param_groups] == [0.5, cfg.optimizer.lr]
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0, cfg.optimizer.weight_decay]
     elif group == "scheduler":
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        # the LR factor at chosen steps, from the config's own numbers: warmup over
+        # ceil(warmup_ratio * 100) steps, then constant, linear or cosine (half a wave) to 0
+        opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0},
+                               {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.25}])
         sched = instantiate(cfg.scheduler)(opt, num_training_steps=100)
-        assert sched.get_last_lr()[0] <= 1.0
+        warmup = math.ceil(cfg.scheduler.warmup_ratio * 100)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / warmup
+            done = (step - warmup) / (100 - warmup)
+            return {"constant": 1.0, "linear": 1.0 - done,
+                    "cosine": 0.5 * (1.0 + math.cos(math.pi * done))}[cfg.scheduler.name]
+
+        seen = {}
+        for step in range(101):
+            seen[step] = sched.get_last_lr()
+            opt.step()
+            sched.step()
+        for step in (0, 1, 3, 5, 6, 7, 30, 53, 80, 99, 100):
+            assert seen[step] == pytest.approx([factor(step), 0.25 * factor(step)], abs=1e-9), step
     elif group in ("logger", "callbacks"):
         assert instantiate_group(cfg[group])
     else:
@@ -142,22 +167,68 @@ def test_same_seed_same_metrics(compose, tmp_path):
     assert c["val/loss"] != a["val/loss"]
 
 
-def test_local_tsv_with_string_labels(compose, tmp_path):
+def test_local_tsv_with_string_labels(compose, tmp_path, tiny_model_dir):
+    import torch
     from conftest import write_rows
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    rows = [{"sentence": ("a fine good film " if i % 2 else "a dull bad film ") + str(i),
-             "label": "positive" if i % 2 else "negative"} for i in range(30)]
+    # wide random weights: predictions differ between rows (the default init gives every row the
+    # same class), so metrics recomputed from the rows below can tell rows apart
+    varied = tmp_path / "varied_bert"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=AutoTokenizer.from_pretrained(tiny_model_dir).vocab_size,
+                         hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=128,
+                         initializer_range=0.5)).save_pretrained(varied)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(varied)
+    # 20 positive, 10 negative: a metric computed with swapped classes differs
+    rows = [{"sentence": ("a fine good film " if i % 3 else "a dull bad film ") + str(i),
+             "label": "positive" if i % 3 else "negative"} for i in range(30)]
     files = {s: write_rows(tmp_path / f"{s}.tsv", rows, delimiter="\t") for s in ("A", "B", "C")}
     cfg, metrics = run_train(
         compose, "data=local", f"data.train_file={files['A']}", f"data.validation_file={files['B']}",
         f"data.test_file={files['C']}", "data.text_field=sentence", "data.label_field=label",
-        out=tmp_path / "run",
+        f"model.name_or_path={varied}", out=tmp_path / "run",
     )
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(Path(cfg.paths.output_dir) / "model")
+    run = Path(cfg.paths.output_dir)
+    config = AutoConfig.from_pretrained(run / "model")
     assert config.num_labels == 2 and config.id2label == {0: "negative", 1: "positive"}
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+    # training moved the weights: the exported encoder is not the one it started from
+    from safetensors.torch import load_file
+
+    start = load_file(Path(cfg.model.name_or_path) / "model.safetensors")
+    end = load_file(run / "model" / "model.safetensors")
+    moved = [k for k, v in start.items() if not v.equal(end[f"bert.{k}"])]
+    assert "encoder.layer.0.attention.self.query.weight" in moved and len(moved) > len(start) // 2
+
+    # the test metrics are those of the rows in test_predictions.csv, and each row's true label
+    # is the one in the file: acc, f1_macro and loss recomputed from the rows
+    import csv
+
+    with open(run / "test_predictions.csv", encoding="utf-8") as fh:
+        preds = list(csv.DictReader(fh))
+    assert [int(r["idx"]) for r in preds] == list(range(30))
+    assert [int(r["true_id"]) for r in preds] == [["negative", "positive"].index(r["label"]) for r in rows]
+    for r in preds:
+        probs = [float(r["p_negative"]), float(r["p_positive"])]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert int(r["label_id"]) == probs.index(max(probs)) and r["label"] == config.id2label[int(r["label_id"])]
+    pairs = [(int(r["true_id"]), int(r["label_id"])) for r in preds]
+    assert len({p for _, p in pairs}) == 2 and len({(t == p) for t, p in pairs}) == 2  # varied
+    assert metrics["test/acc"] == pytest.approx(sum(t == p for t, p in pairs) / 30, abs=1e-6)
+    f1 = []
+    for k in (0, 1):
+        tp = sum(t == p == k for t, p in pairs)
+        wrong = sum((t == k) != (p == k) for t, p in pairs)
+        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    assert metrics["test/f1_macro"] == pytest.approx(sum(f1) / 2, abs=1e-6)
+    loss = -sum(math.log(float(r["p_" + config.id2label[int(r["true_id"])]])) for r in preds) / 30
+    assert metrics["test/loss"] == pytest.approx(loss, abs=1e-4)
+    assert json.loads((run / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
+
 
 
 # ------------------------------------------------- promises of the README, on tiny real runs
