@@ -41,10 +41,13 @@ def expected_no_decay(model) -> set[str]:
 
 
 def optimizer_factory(compose, *overrides):
+    """The configured optimizer partial, callable on param groups as torch's (lr_scale is ours)."""
     from hydra.utils import instantiate
 
+    from sftlab.optim import torch_factory
+
     cfg = compose(*overrides)
-    return cfg, instantiate(cfg.optimizer)
+    return cfg, torch_factory(instantiate(cfg.optimizer))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

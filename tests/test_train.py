@@ -45,11 +45,12 @@ def test_objects_instantiate(compose, group, option):
     from hydra.utils import instantiate
 
     from sftlab.config import instantiate_group
+    from sftlab.optim import torch_factory
 
     cfg = compose(f"{group}={option}")
     if group == "optimizer":
         # every group gets the configured lr and weight decay, as torch stores them
-        opt = instantiate(cfg.optimizer)([
+        opt = torch_factory(instantiate(cfg.optimizer))([  # lr_scale is ours, not torch's
             {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.5, "weight_decay": 0.0},
             {"params": [torch.nn.Parameter(torch.zeros(2))]},
         ])

@@ -42,13 +42,19 @@ def build_optimizer(model, strategy, factory: Callable):
     kw = factory.keywords if isinstance(factory, functools.partial) else {}
     lr = base_lr(kw)
     weight_decay = float(kw.get("weight_decay", 0.0) or 0.0)
-    if "lr_scale" in kw:  # ours, not the torch optimizer's
-        factory = functools.partial(factory.func, *factory.args,
-                                    **{k: v for k, v in kw.items() if k != "lr_scale"})
+    factory = torch_factory(factory)
     groups = strategy.param_groups(model, lr) if strategy is not None else [
         {"name": "all", "params": list(model.named_parameters()), "lr": lr}
     ]
     return factory(split_decay(model, groups, weight_decay))
+
+
+def torch_factory(factory: Callable) -> Callable:
+    """The optimizer partial without ``lr_scale`` (ours, not a torch optimizer argument)."""
+    if isinstance(factory, functools.partial) and "lr_scale" in factory.keywords:
+        kw = {k: v for k, v in factory.keywords.items() if k != "lr_scale"}
+        return functools.partial(factory.func, *factory.args, **kw)
+    return factory
 
 
 def base_lr(optimizer_cfg: Any) -> float:
