@@ -674,3 +674,44 @@ def test_a_run_stopped_by_sigint_resumes_to_completion(tmp_path, tiny_model_dir,
     assert record["status"] == "completed" and (record["global_step"], record["epochs"]) == (6, 1)
     assert record["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_resume_continues_from_the_best_checkpoint_when_killed_before_last_ckpt(tmp_path):
+    """Killed right after the first best-checkpoint write, before last.ckpt: that complete
+    checkpoint is what resume= continues from (it used to say "stopped before its first
+    checkpoint")."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from sftlab.runs import resume_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"paths": {"output_dir": str(run)}, "seed": 1}), run / "config.yaml")
+    older = run / "checkpoints" / "epoch00-step2-val_acc0.5000.ckpt"
+    newer = run / "checkpoints" / "epoch01-step4-val_acc0.7500.ckpt"
+    for i, p in enumerate((older, newer)):
+        p.write_bytes(b"x")
+        os.utime(p, ns=(10**18 + i, 10**18 + i))
+    (run / "checkpoints" / ".last.ckpt.123.tmp").write_bytes(b"half")  # an interrupted save
+    cfg = resume_config(OmegaConf.create({"resume": str(run)}))
+    assert cfg.ckpt_path == str(newer) and cfg.resume == str(run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resume_config(OmegaConf.create({"resume": str(run)})).ckpt_path == str(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("n,batch,world", [(5, 4, 8), (3, 1, 8), (1, 4, 3), (9, 2, 4)])
+def test_every_rank_gets_the_batches_its_length_promises(n, batch, world):
+    """DDP needs equal step counts: every rank yields exactly len(sampler) batches, even with more
+    ranks than twice the batches (5 examples, batch 4, 8 ranks gave some ranks 0 batches)."""
+    from sftlab.data.batching import LengthGroupedBatchSampler
+
+    counts = set()
+    for rank in range(world):
+        sampler = LengthGroupedBatchSampler(list(range(5, 5 + n)), batch, shuffle=True, seed=0,
+                                            num_replicas=world, rank=rank)
+        got = list(sampler)
+        assert len(got) == len(sampler) >= 1, (rank, got)
+        counts.add(len(got))
+    assert len(counts) == 1

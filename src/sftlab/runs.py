@@ -105,8 +105,21 @@ class RunInterrupted(SystemExit):
 
 # ------------------------------------------------------------------------------------ resume
 def last_checkpoint(cfg: DictConfig, run: Path) -> Path:
-    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
-    return Path(dirpath or run / "checkpoints") / "last.ckpt"
+    """The checkpoint a resume continues from: ``last.ckpt``, or else the newest other one.
+
+    A run killed right after its first best-checkpoint write (the epoch's validation) and
+    before ``last.ckpt`` has a complete, resumable checkpoint on disk: ModelCheckpoint saves the
+    full training state (``save_weights_only: false``), and every save is atomic
+    (``sftlab.checkpointing``), so any ``*.ckpt`` there is whole. Returns the ``last.ckpt``
+    path, existing or not, when there is no checkpoint at all.
+    """
+    folder = Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+                  or run / "checkpoints")
+    last = folder / "last.ckpt"
+    if last.is_file():
+        return last
+    others = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    return max(others, key=lambda p: (p.stat().st_mtime_ns, p.name)) if others else last
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:

@@ -110,7 +110,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if self.num_replicas > 1:
             if self.shuffle and batches:  # equal step counts on every rank
                 total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
-                batches = batches + batches[: total - len(batches)]
+                # cyclically: with more ranks than twice the batches, one copy is not enough,
+                # and a rank left with 0 batches while __len__ says 1 hangs DDP
+                batches = [batches[i % len(batches)] for i in range(total)]
                 batches = batches[self.rank :: self.num_replicas]
         skip, self.skip = self.skip, 0  # one resumed epoch only
         return iter(batches[skip:])

@@ -21,16 +21,7 @@ def write_charts(rows: list[dict[str, Any]], out: Path) -> None:
         pts = sorted((float(r["lr"]), float(r["val/acc"])) for r in done if r["strategy"] == s and r["lr"])
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=s)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("val accuracy")
-    ax.set_title("val accuracy vs learning rate")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "val_acc_vs_lr.png", dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "learning rate", "val accuracy", "val accuracy vs learning rate", out / "val_acc_vs_lr.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labelled: list[tuple[float, float, str]] = []
@@ -50,15 +41,23 @@ def write_charts(rows: list[dict[str, Any]], out: Path) -> None:
                     continue
                 labelled.append((x, y, text))
                 ax.annotate(text, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=7)
+    _finish(fig, ax, "trainable parameters", "val accuracy", "trainable parameters vs accuracy (labels: lr)",
+            out / "params_vs_acc.png")
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, legend_size: float | None = None) -> None:
+    """Log-x axes, labels, grid and legend; save ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("val accuracy")
-    ax.set_title("trainable parameters vs accuracy (labels: lr)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(out / "params_vs_acc.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -101,16 +100,8 @@ def write_study_charts(study: dict[str, Any], out: Path) -> None:
             errs = [_yerr(m, lo, hi) for _, m, lo, hi in pts]
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=list(zip(*errs, strict=True)),
                         marker="o", capsize=3, label=s)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"val {main} (mean, 95% CI)")
-    ax.set_title(f"val {main} vs learning rate")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "val_vs_lr.png", dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "learning rate", f"val {main} (mean, 95% CI)", f"val {main} vs learning rate",
+            out / "val_vs_lr.png", legend_size=7)
 
     rows = [r for r in study["strategies"] if math.isfinite(r[f"test/{main}_mean"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
