@@ -676,7 +676,7 @@ def test_a_run_stopped_by_sigint_resumes_to_completion(tmp_path, tiny_model_dir,
     assert (run / "model" / "model.safetensors").is_file()
 
 
-def test_resume_continues_from_the_best_checkpoint_when_killed_before_last_ckpt(tmp_path):
+def test_resume_continues_from_the_best_checkpoint_when_killed_before_last_ckpt(tmp_path, monkeypatch):
     """Killed right after the first best-checkpoint write, before last.ckpt: that complete
     checkpoint is what resume= continues from (it used to say "stopped before its first
     checkpoint")."""
@@ -684,8 +684,10 @@ def test_resume_continues_from_the_best_checkpoint_when_killed_before_last_ckpt(
 
     from omegaconf import OmegaConf
 
+    from sftlab import runs
     from sftlab.runs import resume_config
 
+    monkeypatch.setattr(runs, "_task_overrides", lambda: [])  # as `python train.py resume=<run>` alone
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"paths": {"output_dir": str(run)}, "seed": 1}), run / "config.yaml")
