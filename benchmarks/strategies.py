@@ -14,8 +14,10 @@ shows as failed in the table instead of ending the benchmark.
 
 Sequential on purpose: on a 2-core machine two trainings at once would measure contention,
 not the strategies. Default data and model: the embedded AG News sample (4000/1000/1000) and
-all-MiniLM-L6-v2; the default config otherwise (lr 2e-5 for every strategy; LoRA's YAML
-recommends 5e-4, so its row shows what the *default* gives, not LoRA at its best).
+all-MiniLM-L6-v2; the default config otherwise, so each strategy trains at its own default LR
+(``lr`` in conf/strategy/<name>.yaml: 2e-5 for full, 1e-3 for head_only and bitfit, 5e-4 for
+LoRA, ...). One seed per strategy: for differences that hold, run the study
+(``python train.py -m hparams_search=study``) and ``python -m sftlab.report``.
 
 Writes ``results.md`` (the table) and ``results.json`` next to the runs, prints the table,
 and ends with one JSON line for machines.
