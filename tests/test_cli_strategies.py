@@ -160,7 +160,7 @@ def test_lora_export_loads_with_peft_unimportable(runs):
 
 
 # The acceptance command keeps debug=fast's eval batch (64) larger than the whole validation
-# split: one eval batch for two ranks. Evaluation is sharded by examples (data.py), so both
+# split: one eval batch for two ranks. Evaluation is sharded by examples (sftlab.data.batching), so both
 # ranks still get data; the second case has several eval batches per rank.
 EVAL_FITS_ONE_BATCH = pytest.param([], id="debug_fast_eval_batch")
 

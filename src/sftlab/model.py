@@ -89,7 +89,7 @@ class TextClassifier(pl.LightningModule):
         model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here
         self.strategy = strategy
         # The strategy freezes what starts frozen *now*, before any Trainer/DDP wrapping, so
-        # DDP registers the right parameters (see strategies.py for gradual unfreezing).
+        # DDP registers the right parameters (see strategies/gradual.py for gradual unfreezing).
         self.model = strategy.setup(model) if strategy is not None else model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
