@@ -1,4 +1,4 @@
-"""The task room: clipping works with fused AdamW under bf16."""
+"""The task room: clipping works with fused AdamW under bf16 and fp16 (GradScaler)."""
 
 from __future__ import annotations
 
@@ -59,30 +59,90 @@ def test_gradient_clipping_under_bf16_with_fused_adamw(tiny_model_dir, algorithm
         assert all(n > 10 * 1e-3 for n in norm_after), norm_after
 
 
-def test_gradient_clipping_defers_to_lightning_with_a_loss_scaler_and_is_off_without_a_value(tiny_model_dir):
-    """fp16's scaler: gradients are still scaled here, so Lightning (which unscales) clips."""
+def fp16_trainer(**kwargs):
+    """A Trainer with Lightning's own fp16 plugin (GradScaler + fp16 autocast) on the CPU.
+
+    ``Trainer(accelerator="cpu", precision="16-mixed")`` silently becomes bf16-mixed, so the
+    plugin CUDA would get is handed over explicitly: the same ``MixedPrecision`` code path
+    (scale the loss, our clipping hook, ``scaler.step``, ``scaler.update``), with CPU autocast
+    in fp16. A modest initial scale keeps the first steps from overflowing in fp16.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = MixedPrecision("16-mixed", device="cpu", scaler=scaler)
+    return pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs), scaler
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fp16_mixed_with_fused_adamw_and_clipping_steps_on_true_gradients(tiny_model_dir, algorithm):
+    """fp16 + GradScaler + fused AdamW + clipping: Lightning alone raises at clipping. Here the
+    steps run, the weights change and stay finite, clipping sees true (unscaled) gradients
+    (within the bound, not 1024x it), and AdamW's first moment after step 1 is
+    (1 - beta1) x the clipped gradient: the fused kernel did not unscale a second time."""
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from sftlab.model import TextClassifier
+
+    torch.manual_seed(0)
+    module = TextClassifier(str(tiny_model_dir), ["a", "b"],
+                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=True))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    clipped, scales = [], []
+    original = module.configure_gradient_clipping
+
+    def clip_and_record(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        original(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clipped.append({id(p): p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                        if p.grad is not None})
+        scales.append(scaler.get_scale())
+
+    module.configure_gradient_clipping = clip_and_record
+    first_moments = []
+    module.on_train_batch_end = lambda *a: first_moments.append(
+        {id(p): s["exp_avg"].clone() for p, s in module.trainer.optimizers[0].state.items()})
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    trainer, scaler = fp16_trainer(max_steps=2, gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm)
+    trainer.fit(module, DataLoader([batch] * 4, batch_size=None))
+
+    assert trainer.global_step == 2 and len(clipped) == 2
+    assert scales[0] == 2.0**10  # the loss really was scaled (no overflow skipped step 1)
+    grads = list(clipped[0].values())
+    if algorithm == "norm":
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        assert norm == pytest.approx(1e-3, rel=0.01)  # true gradients, clipped to the bound
+    else:
+        assert max(g.abs().max().item() for g in grads) == pytest.approx(1e-3, rel=0.01)
+    beta1 = trainer.optimizers[0].param_groups[0]["betas"][0]
+    moments = first_moments[0]
+    assert set(moments) == set(clipped[0])
+    for pid, grad in clipped[0].items():
+        # relative: a second unscale would make the moment 1024x too small, however small it is
+        torch.testing.assert_close(moments[pid], (1 - beta1) * grad, rtol=1e-5, atol=1e-12)
+    changed = [n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed and all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_gradient_clipping_is_off_without_a_value_and_clips_here_without_a_scaler(tiny_model_dir):
+    """No clip value: gradients untouched; no scaler (fp32/bf16): clipped here, not by Lightning."""
     from sftlab.model import TextClassifier
 
     module = TextClassifier(str(tiny_model_dir), ["a", "b"])
     param = torch.nn.Parameter(torch.zeros(3))
     param.grad = torch.full((3,), 5.0)
     optimizer = torch.optim.SGD([param], lr=1.0)
-    deferred = []
-    module.clip_gradients = lambda *args: deferred.append(args)
-
-    module._trainer = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=object()))
-    module.configure_gradient_clipping(optimizer, 0.5, "norm")
-    assert deferred == [(optimizer, 0.5, "norm")]
-    assert param.grad.tolist() == [5.0] * 3  # not clipped twice (once here, once by Lightning)
-
-    deferred.clear()
+    module.clip_gradients = lambda *args: pytest.fail("Lightning's clip_gradients must not be used")
     module._trainer = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=None))
     for value in (None, 0):
         module.configure_gradient_clipping(optimizer, value, "norm")
-    assert deferred == [] and param.grad.tolist() == [5.0] * 3  # no clip value: no clipping
+    assert param.grad.tolist() == [5.0] * 3  # no clip value: no clipping
     module.configure_gradient_clipping(optimizer, 0.5, "value")
-    assert deferred == [] and param.grad.tolist() == [0.5] * 3  # no scaler: clipped here
-
+    assert param.grad.tolist() == [0.5] * 3
 
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]

@@ -220,18 +220,21 @@ class TextClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip here when no loss scaler is involved (fp32, bf16), so fused AdamW can be used.
+        """Clip the true gradients here, for every precision and optimizer (fused AdamW included).
 
         Lightning's mixed-precision plugin refuses to clip for optimizers that unscale
-        gradients themselves (fused AdamW) because of fp16 loss scaling; bf16 has no scaler, so
-        the gradients are already true gradients and clipping them is exact. With an fp16
-        scaler we defer to Lightning (which then asks for a non-fused optimizer).
+        gradients inside their ``step`` (fused AdamW), because under fp16 the gradients it sees
+        are still multiplied by the loss scale. With a scaler we unscale them ourselves first
+        (``GradScaler.unscale_``, which also records inf/NaN for the step); ``GradScaler.step``
+        then hands such an optimizer no ``grad_scale`` (the stage is UNSCALED), so its fused
+        kernel does not unscale twice, and skips the step if the unscale found inf/NaN. Other
+        optimizers were unscaled by Lightning before this hook. bf16 and fp32 have no scaler.
         """
         if not gradient_clip_val:
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
