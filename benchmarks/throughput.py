@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # one epoch per arm, 2 repeats (~20 min)
     python benchmarks/throughput.py --steps 60      # a quick look (~5 min; flatters, see below)
     python benchmarks/throughput.py --accuracy      # + full 3-epoch runs of (a) and (d)
+    python benchmarks/throughput.py --machine       # only the machine and its calibration (seconds)
     make bench
 
 The same work in every arm: the embedded all-MiniLM-L6-v2, the AG News sample, batch 16,
@@ -14,7 +15,9 @@ tokens on average, the whole epoch to 53.9), and it favours sftlab by about 3%.
   (a) hf       the HF Trainer with the seed recipe's settings (random batches, fp32)
   (b) plain    a plain PyTorch loop (random batches, fp32)
   (b') plain*  the plain loop with sftlab's default batches, precision and fast dropout
-  (c) sftlab   sftlab's defaults (python train.py)
+  (c) sftlab   sftlab's defaults (python train.py; trainer.precision=auto)
+  (c') sftlab@<precision>  the defaults with trainer.precision forced, one arm per precision
+               the machine offers (--precisions: 32-true and bf16-mixed; 16-mixed on CUDA too)
   (d) fastest  sftlab's fastest settings
 
 Arms are interleaved (a b b' c d, a b b' c d, ...) so machine drift hits them alike, and the
@@ -22,6 +25,13 @@ best of the repeats is kept (noise on a shared machine only ever slows a run dow
 counts training examples over the wall time of the training loop with evaluation off, which
 is what the HF Trainer's ``train_samples_per_second`` means. The last line printed is one JSON
 summary for machines.
+
+The machine comes first (CPU model, the flags that decide matmul speed, torch, threads) with
+the precision calibration of ``trainer.precision=auto`` (GFLOP/s per precision on the model's
+shapes, ``sftlab.perf.precision``). Every arm gets an MFU: sftlab arms report their own
+``train_mfu`` (metrics.json); the HF and plain arms get samples/s × the epoch's mean model FLOPs
+per example (the same count, ``sftlab.perf.flops``, full fine-tuning) over the calibrated peak
+of their precision (fp32; (b') the default's).
 """
 
 from __future__ import annotations
@@ -30,7 +40,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -48,8 +57,9 @@ import sftlab  # noqa: E402,F401
 
 DATA = ROOT / "data" / "ag_news"
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-# sftlab's fastest settings, on top of its defaults (each a config key; see README "Performance")
-FASTEST = ["trainer.precision=bf16-mixed", "data.group_by_length=true"]
+# sftlab's fastest settings, on top of its defaults (each a config key; see README "Performance");
+# the precision is the default's (auto: measured per machine), the precision arms force each one
+FASTEST = ["data.group_by_length=true"]
 
 
 def rss_mb() -> float:
@@ -205,7 +215,8 @@ def run_sftlab(args, steps: int | None, extra: list[str], evaluate: bool = False
         m = train(cfg)
         wall = time.perf_counter() - t0
         out = {"samples_per_s": m["train_samples_per_s"], "wall_s": m["train_time_s"],
-               "first_step_s": m.get("time_to_first_step_s"), "total_s": wall}
+               "first_step_s": m.get("time_to_first_step_s"), "total_s": wall,
+               "mfu": m.get("train_mfu"), "precision": m.get("precision")}
         if evaluate:
             out["test_acc"] = m.get("test/acc")
         return out
@@ -219,8 +230,38 @@ def _perf_options(defaults, name: str) -> dict | None:
     return {k: v for k, v in entry.items() if k not in ("_target_", "enable")}
 
 
-def main() -> None:
+def machine_line(info: dict) -> str:
+    """One line naming what the numbers depend on: processor, matmul flags, torch, threads."""
+    from sftlab.perf.precision import MATMUL_FLAGS
+
+    if info["device"] == "cuda":
+        what = f"{info['name']} (native bf16: {info['native_bf16']})"
+    else:
+        what = f"{info['name']}, flags: {' '.join(info['flags']) or 'none of ' + '/'.join(MATMUL_FLAGS)}"
+    return f"machine: {what}; {os.cpu_count()} cores; torch {info['torch']}; {info['threads']} threads"
+
+
+def calibrate_defaults(defaults):
+    """The default config's precision resolved as train.py does (auto: measured), on MiniLM."""
+    from sftlab.perf.precision import resolve_precision
+
+    model, tok = model_and_tok()
+    return resolve_precision(defaults, model), model, tok
+
+
+def flops_per_example(model, tok, args) -> float:
+    """Mean model FLOPs of one training example of the train split (full fine-tuning)."""
+    from sftlab.perf.flops import step_flops
+
+    lengths = [len(x) for x in load_split(tok, "train", args.max_length)["input_ids"]]
+    coef = step_flops(model)
+    return sum(coef.batch(n, 1, n * n) for n in lengths) / len(lengths)
+
+
+def main(argv: list[str] | None = None) -> None:
     import torch
+
+    from sftlab.perf.precision import candidates, device_type, machine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None,
@@ -231,14 +272,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--accuracy", action="store_true", help="also full runs of (a) and (d)")
     parser.add_argument("--arms", default="hf,plain,plain_sftlab,sftlab,fastest")
-    args = parser.parse_args()
+    parser.add_argument("--precisions", default=None,
+                        help="sftlab arms with trainer.precision forced, comma-separated (default: the "
+                             "precisions this machine offers; '' for none)")
+    parser.add_argument("--machine", action="store_true",
+                        help="print the machine and the precision calibration, then stop")
+    args = parser.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        defaults = compose("train", overrides=["paths.output_dir=/tmp"])
+        defaults = compose("train", overrides=["paths.output_dir=/tmp", f"data.batch_size={args.batch_size}",
+                                               f"model.max_length={args.max_length}"])
+    calibration, model, tok = calibrate_defaults(defaults)
+    info = calibration.machine if calibration else machine(device_type("auto"))
+    print(machine_line(info), flush=True)
+    if calibration:
+        print(calibration.summary(), flush=True)
+    if args.machine:
+        return
+    if args.precisions is None:
+        args.precisions = ",".join(candidates(info)[0])
+    peak = (lambda p: calibration.peak_gflops(p)) if calibration else (lambda p: None)
+    per_example = flops_per_example(model, tok, args)
+    del model, tok
     if args.steps is None:  # one epoch: ceil(train rows / batch size)
         import pandas as pd
 
@@ -247,13 +306,18 @@ def main() -> None:
     args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
     args.default_release_memory = _perf_options(defaults, "release_memory")
     arms = args.arms.split(",")
+    precisions = [p for p in args.precisions.split(",") if p]
+    arms += [f"sftlab@{p}" for p in precisions]
     fns = {
         "hf": lambda: run_hf(args, args.steps),
         "plain": lambda: run_plain(args, args.steps),
         "plain_sftlab": lambda: run_plain(args, args.steps, sftlab_batches=True),
         "sftlab": lambda: run_sftlab(args, args.steps, []),
         "fastest": lambda: run_sftlab(args, args.steps, FASTEST),
+        **{f"sftlab@{p}": (lambda p=p: run_sftlab(args, args.steps, [f"trainer.precision={p}"])) for p in precisions},
     }
+    # the precision each arm's matmuls run in, for the MFU of arms that do not report their own
+    arm_precision = {"hf": "32-true", "plain": "32-true", "plain_sftlab": args.default_precision}
     results: dict[str, list[dict]] = {a: [] for a in arms}
     torch.set_num_threads(torch.get_num_threads())
     for rep in range(args.repeats):
@@ -261,8 +325,11 @@ def main() -> None:
             gc.collect()
             r = fns[arm]()
             r["rss_mb"] = rss_mb()
+            if r.get("mfu") is None and arm in arm_precision and peak(arm_precision[arm]):
+                r["mfu"] = r["samples_per_s"] * per_example / 1e9 / peak(arm_precision[arm])
             results[arm].append(r)
-            print(f"[rep {rep}] {arm:13s} {r['samples_per_s']:7.1f} samples/s  wall {r['wall_s']:6.1f} s",
+            mfu = f"  MFU {r['mfu']:.3f}" if r.get("mfu") is not None else ""
+            print(f"[rep {rep}] {arm:18s} {r['samples_per_s']:7.1f} samples/s  wall {r['wall_s']:6.1f} s{mfu}",
                   flush=True)
     best = {a: max(rs, key=lambda r: r["samples_per_s"]) for a, rs in results.items()}
 
@@ -272,7 +339,9 @@ def main() -> None:
         return None
 
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine_line(info),
+        "calibration_gflops": calibration.rates if calibration else None,
+        "train_mfu": {a: round(b["mfu"], 4) for a, b in best.items() if b.get("mfu") is not None},
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
         "default_precision": args.default_precision, "fastest": FASTEST,
         "samples_per_s": {a: round(b["samples_per_s"], 2) for a, b in best.items()},
@@ -293,11 +362,12 @@ def main() -> None:
         summary["test_acc"] = {"hf": round(a["test_acc"], 4), "fastest": round(d["test_acc"], 4)}
         summary["full_run_samples_per_s"] = {"hf": round(a["samples_per_s"], 2), "fastest": round(d["samples_per_s"], 2)}
     print()
-    print("| arm | samples/s | ratio to HF |")
-    print("|---|---|---|")
+    print("| arm | samples/s | ratio to HF | MFU |")
+    print("|---|---|---|---|")
     for a, b in best.items():
         r = b["samples_per_s"] / best["hf"]["samples_per_s"] if "hf" in best else float("nan")
-        print(f"| {a} | {b['samples_per_s']:.1f} | {r:.2f}x |")
+        mfu = f"{b['mfu']:.3f}" if b.get("mfu") is not None else ""
+        print(f"| {a} | {b['samples_per_s']:.1f} | {r:.2f}x | {mfu} |")
     print(json.dumps(summary))
 
 

@@ -4,7 +4,11 @@
 ``train_samples_per_s``: training examples processed divided by the wall time of the training
 loop *without* validation, which is what the HF Trainer's ``train_samples_per_second`` means
 when evaluation is off, so the two compare directly. Lightning's ``ThroughputMonitor`` needs
-per-device FLOP counts and reports per batch; we need one honest number per run.
+per-device FLOP counts and reports per batch; we need one honest number per run. It also counts
+the model FLOPs of every training batch (:mod:`sftlab.perf.flops`: matmuls over the real
+tokens, backward only where gradients flow, attention) for ``train_mfu``: those FLOPs per
+second of training over the calibrated matmul peak of the run's precision
+(:mod:`sftlab.perf.precision`).
 
 A callback reports into ``metrics.json`` by having a ``run_stats() -> dict`` method; the
 pipeline asks every callback of the trainer once training ends (``sftlab.results.run_stats``)
@@ -36,7 +40,19 @@ log = logging.getLogger(__name__)
 class TrainThroughput(pl.Callback):
     """Wall time of the training loop with validation subtracted, and samples processed."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak_gflops: float | None = None, peak_per_process: bool = False) -> None:
+        """``peak_gflops``: the calibrated matmul rate of the run's precision (None: no MFU).
+
+        ``peak_per_process``: the peak is one device's (a GPU), so under DDP the run's peak is
+        that times the number of processes; on a CPU the calibration ran with all the
+        machine's threads before DDP split them, so it is already the whole machine's.
+        """
+        from sftlab.perf.flops import FlopCounter
+
+        self.peak_gflops = peak_gflops
+        self.peak_per_process = peak_per_process
+        self.flop_counter = FlopCounter()
+        self.world_size = 1
         self.samples = 0
         self.train_time_s = 0.0
         self._t0: float | None = None
@@ -57,6 +73,8 @@ class TrainThroughput(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         # our batches are transformers BatchEncoding (a Mapping, not a dict)
         self.samples += int(batch["labels"].shape[0]) * trainer.world_size
+        self.world_size = trainer.world_size  # FLOPs are this rank's; the others do as much
+        self.flop_counter.add(getattr(pl_module, "model", pl_module), batch)
         if self.first_step_s is None and self._fit_t0 is not None:
             self.first_step_s = time.perf_counter() - self._fit_t0
 
@@ -84,19 +102,31 @@ class TrainThroughput(pl.Callback):
     def samples_per_s(self) -> float:
         return self.samples / self.train_time_s if self.train_time_s > 0 else 0.0
 
+    @property
+    def gflops_per_s(self) -> float:
+        """Model GFLOP/s achieved by the training loop, all processes together."""
+        flops = self.flop_counter.flops * self.world_size
+        return flops / self.train_time_s / 1e9 if self.train_time_s > 0 else 0.0
+
     def run_stats(self) -> dict[str, float]:
-        return {
+        stats = {
             "train_time_s": round(self.train_time_s, 3),
             "train_samples_per_s": round(self.samples_per_s, 3),
             "time_to_first_step_s": round(self.first_step_s or 0.0, 3),
+            "train_model_gflops_per_s": float(f"{self.gflops_per_s:.4g}"),
         }
+        if self.peak_gflops:
+            peak = self.peak_gflops * (self.world_size if self.peak_per_process else 1)
+            stats["train_mfu"] = round(self.gflops_per_s / peak, 4)
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "train_time_s": self.train_time_s}
+        return {"samples": self.samples, "train_time_s": self.train_time_s, "flops": self.flop_counter.flops}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.samples = state_dict.get("samples", 0)
         self.train_time_s = state_dict.get("train_time_s", 0.0)
+        self.flop_counter.flops = state_dict.get("flops", 0)
 
 
 class FiniteLossGuard(pl.Callback):

@@ -81,6 +81,24 @@ def _labels_from_state(state: dict[str, Any]) -> list[str]:
     return list(labels)
 
 
+def _eval_precision(cfg: DictConfig, model, trained: DictConfig | None) -> None:
+    """``trainer.precision=auto``: the precision the model was trained with, so the run's test
+    metrics reproduce; the calibrated faster one when the run's config does not say."""
+    from omegaconf import open_dict
+
+    from sftlab.perf.precision import resolve_precision
+
+    if str(cfg.trainer.get("precision", "auto")) != "auto":
+        return
+    used = OmegaConf.select(trained, "trainer.precision", default=None,
+                            throw_on_resolution_failure=False) if trained is not None else None
+    if used is not None and str(used) != "auto":
+        with open_dict(cfg):
+            cfg.trainer.precision = str(used)
+        return
+    resolve_precision(cfg, model)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
@@ -101,6 +119,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.data, tokenizer=tokenizer, splits=[split], max_length=max_length,
         label_names=module.label_names,
     )
+    _eval_precision(cfg, module.model, trained)
     trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
     if split == "test":
         results = trainer.test(module, datamodule=datamodule, verbose=False)

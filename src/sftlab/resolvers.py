@@ -38,51 +38,13 @@ def project_root() -> str:
     return os.getcwd()
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def auto_precision(accelerator: str = "auto") -> str:
-    """The fastest precision that keeps accuracy on this machine (``trainer.precision: auto``).
-
-    bf16 autocast on a GPU that supports it, and on CPUs with native bf16 matrix units, where
-    it measured 2-4x the fp32 matmul throughput and the same AG News accuracy (README,
-    Performance); fp32 elsewhere (emulated bf16 is slower than fp32). Only imports torch when
-    a GPU may be in play, so printing a config on a CPU stays fast.
-    """
-    acc = str(accelerator).lower()
-    if acc in ("gpu", "cuda", "auto"):
-        if acc != "auto" or _cuda_available():
-            import torch
-
-            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
-
-
-def _cuda_available() -> bool:
-    # cheap check first: no NVIDIA driver, no CUDA (avoids importing torch on CPU machines)
-    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _register() -> None:
     for name, fn in {
         "sftlab.embedded_model": embedded_model_path,
         "sftlab.root": project_root,
         "sftlab.unique": lambda: _UNIQUE,
-        "sftlab.auto_precision": auto_precision,
+        # runs from before the calibration saved this in .hydra/config.yaml: it now means auto
+        "sftlab.auto_precision": lambda *_: "auto",
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

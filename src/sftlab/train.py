@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from sftlab.checkpointing import AtomicCheckpointIO, RNGState
     from sftlab.loggers import finish_wandb
     from sftlab.optim import base_lr
+    from sftlab.perf.precision import resolve_precision
     from sftlab.pretrained import load_tokenizer
     from sftlab.results import peak_rss_mb, run_stats, save_results
     from sftlab.runs import keep_csv_history
@@ -127,10 +128,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    # 4. train
+    # 4. train, in the precision measured fastest for this model on this machine (trainer.precision=auto)
+    calibration = resolve_precision(cfg, module.model)
+    throughput = TrainThroughput(peak_gflops=calibration.peak_gflops() if calibration else None,
+                                 peak_per_process=bool(calibration and calibration.machine["device"] == "cuda"))
     # RNGState is not optional like the configured callbacks: without it a resumed run's
     # dropout differs from the uninterrupted run's
-    callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [TrainThroughput(), RNGState()]
+    callbacks = instantiate_group(cfg.get("callbacks")) + strategy.callbacks() + [throughput, RNGState()]
     callbacks += instantiate_group(cfg.get("perf"))  # speed-ups (conf/perf), also config callbacks
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
@@ -158,6 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # the run's own numbers first: loading the best checkpoint below restores every
         # callback's state (throughput, skipped steps) to what it was at that checkpoint
         stats = run_stats(trainer, module, strategy)
+        stats.update(calibration.metrics() if calibration else {"precision": str(cfg.trainer.precision)})
         # what a study groups by: the base LR trained with, the seed, the task's main metric
         stats.update(lr=base_lr(cfg.optimizer), seed=int(cfg.seed),
                      main_metric=getattr(module, "main_metric", "acc"))

@@ -4,7 +4,10 @@
   (``FastDropout``, ``use_fast_dropout``) and the callback that switches a model to them
   (``perf.fast_dropout``);
 - :mod:`sftlab.perf.attention`: the attention backend with that dropout on the probabilities;
-- :mod:`sftlab.perf.heap`: glibc's heap policy during ``fit`` (``perf.release_memory``).
+- :mod:`sftlab.perf.heap`: glibc's heap policy during ``fit`` (``perf.release_memory``);
+- :mod:`sftlab.perf.precision`: ``trainer.precision=auto`` from a matmul calibration cached per
+  machine (``perf.precision`` holds its options; the pipelines call ``resolve_precision``);
+- :mod:`sftlab.perf.flops`: the model FLOPs of a training batch, for ``train_mfu``.
 
 Importing any of it registers nothing anywhere; :func:`use_fast_dropout` registers the
 attention backend when it switches a model. The backend function itself is
@@ -21,16 +24,24 @@ from sftlab.perf.dropout import (
     keep_mask,
     use_fast_dropout,
 )
+from sftlab.perf.flops import FlopCounter, step_flops
 from sftlab.perf.heap import ReleaseFreeMemory
+from sftlab.perf.precision import Calibration, calibrate, choose_precision, resolve_precision
 
 __all__ = [
     "ATTENTION_NAME",
+    "Calibration",
     "FastDropout",
     "FastDropoutCallback",
+    "FlopCounter",
     "ReleaseFreeMemory",
     "additive_mask",
+    "calibrate",
+    "choose_precision",
     "fast_dropout",
     "keep_mask",
     "register_attention",
+    "resolve_precision",
+    "step_flops",
     "use_fast_dropout",
 ]
