@@ -126,6 +126,25 @@ def test_resolve_precision_sets_the_trainer_precision(compose, fake_rates, reque
     assert fake_rates[0]["tokens"] == cfg.data.batch_size * cfg.model.max_length // 2
 
 
+def test_other_ddp_ranks_take_rank_zeros_choice(compose, fake_rates, monkeypatch):
+    """Lightning starts DDP's other ranks with fewer threads each: they must not measure (and
+    maybe choose) for themselves, but train in rank 0's precision."""
+    from sftlab.config import instantiate
+
+    monkeypatch.setenv(prec._HANDOFF, "")  # restored after the test (rank 0 sets it)
+    fake_rates.rates = {FP32: 135.0, BF16: 385.0}
+    cfg = compose("trainer.precision=auto")
+    model = instantiate(cfg.model, label_names=["a", "b"], strategy=None, optimizer=None, scheduler=None).model
+    assert prec.resolve_precision(cfg, model).precision == BF16
+    fake_rates.rates = {FP32: 318.0, BF16: 169.0}  # what rank 1 would measure
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    cfg1 = compose("trainer.precision=auto", "perf.precision.recalibrate=true")
+    other = prec.resolve_precision(cfg1, model)
+    assert other.precision == cfg1.trainer.precision == BF16 and len(fake_rates) == 1
+    assert other.peak_gflops() == 385.0
+
+
 def test_precision_calibration_off_means_fp32(compose, fake_rates):
     cfg = compose("perf.precision.enable=false")
     assert prec.resolve_precision(cfg, None) is None

@@ -13,7 +13,8 @@ frameworks, where samples/s is not. What is counted, per training batch (``N`` =
   token plus the head's weight gradient;
 - rows: every **real (non-pad) token** for the blocks' weights (padding is work the model
   does not need, so length-grouped batches show up as a higher MFU), one row per sequence
-  for the pooler's and head's (they read one position);
+  for the pooler's and head's (they read one position; GPT-2's ``score`` reads every position,
+  so there the head's few FLOPs per token are missed);
 - attention, per block: ``4·H·len²`` per sequence forward (scores ``QKᵀ`` and ``softmax·V``,
   ``H`` = the hidden size, ``len`` = the sequence's real length) and ``8·H·len²`` backward
   where gradients flow into the block.

@@ -250,8 +250,9 @@ def resolve_precision(cfg, model) -> Calibration | None:
 
     Returns the calibration (the run's precision, the rates) for the fit-start line,
     ``metrics.json`` and MFU; None when ``perf.precision.enable=false`` (then ``auto`` means
-    ``32-true``). Under DDP the other ranks take rank 0's result (which the launcher passes on
-    in the environment), so every rank trains in the same precision.
+    ``32-true``). Under DDP started by Lightning the other ranks take rank 0's result (passed on
+    in the environment of the processes it launches), so every rank trains in the same
+    precision; ranks started by an outside launcher (torchrun) calibrate each for itself.
     """
     from omegaconf import open_dict
 
@@ -266,12 +267,13 @@ def resolve_precision(cfg, model) -> Calibration | None:
         data = json.loads(handed)
         cal = Calibration(**{**data, "shapes": [tuple(s) for s in data["shapes"]]})
     elif opts.get("enable", True) is not False:
-        dev = device_type(cfg.trainer.get("accelerator", "auto"))
-        tokens = int(cfg.data.get("batch_size", 16)) * max(8, int(cfg.model.get("max_length") or 128) // 2)
-        cal = calibrate(model, dev, tokens=tokens, cache_dir=cfg.paths.get("cache_dir"),
-                        budget_s=checked("perf.precision.budget_s", opts.get("budget_s", 1.0), positive=True),
-                        recalibrate=bool(opts.get("recalibrate", False)))
+        budget_s = checked("perf.precision.budget_s", opts.get("budget_s", 1.0), positive=True)
         min_speedup = checked("perf.precision.min_speedup", opts.get("min_speedup", 1.1), positive=True)
+        dev = device_type(cfg.trainer.get("accelerator", "auto"))
+        # a batch's tokens: AG News pads to ~54 of max_length 128 in length-grouped batches
+        tokens = int(cfg.data.get("batch_size", 16)) * max(8, int(cfg.model.get("max_length") or 128) // 2)
+        cal = calibrate(model, dev, tokens=tokens, cache_dir=cfg.paths.get("cache_dir"), budget_s=budget_s,
+                        recalibrate=bool(opts.get("recalibrate", False)))
         cal.requested = requested
         cal.precision = choose_precision(cal.rates, cal.half, min_speedup) if requested == "auto" else requested
         os.environ[_HANDOFF] = json.dumps(asdict(cal))
