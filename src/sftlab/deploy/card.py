@@ -37,6 +37,7 @@ def model_card(
                 or _short_target(_get(config, "strategy._target_")))
     lines = (_front_matter(labels, config, base_id, strategy)
              + _base_model(base, base_id, model_type)
+             + _pooling(extra.get("pooling"))
              + _data(config)
              + _strategy(config, strategy)
              + _hyperparameters(config)
@@ -73,6 +74,17 @@ def _base_model(base: Any, base_id: str | None, model_type: str | None) -> list[
     if model_type:
         lines.append(f"- architecture: `{model_type}`")
     return [*lines, ""]
+
+
+def _pooling(pooling: Any) -> list[str]:
+    """A warning when the run pooled in a way stock transformers cannot reproduce."""
+    if not pooling:
+        return []
+    return ["## Pooling", "",
+            f"Trained with `model.pooling={pooling}` (recorded as `sftlab_pooling` in `config.json`). "
+            "Load it with sftlab (`Classifier.load`, `predict.py`, `serve.py`) to get the run's "
+            "predictions: stock `AutoModelForSequenceClassification` and `pipeline` ignore that key "
+            "and read the head through the architecture's own pooling, which predicts differently.", ""]
 
 
 def _data(config: Mapping[str, Any]) -> list[str]:

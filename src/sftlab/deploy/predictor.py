@@ -46,6 +46,10 @@ class Classifier:
         _check_precision(precision)
         self.device = torch.device(device) if device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        from sftlab.pooling import resolve_pooling
+
+        # a run trained with model.pooling=mean/cls/last exported it in config.json (sftlab_pooling)
+        self.pooling = resolve_pooling(model, "auto")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.precision = precision
@@ -147,6 +151,7 @@ class Classifier:
         import torch
 
         from sftlab.data.batching import collate
+        from sftlab.pooling import logits_of
 
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         keys = [k for k in enc.keys() if k in _MODEL_INPUTS]
@@ -163,9 +168,9 @@ class Classifier:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 if autocast is not None:
                     with autocast:
-                        logits = self.model(**batch).logits
+                        logits = logits_of(self.model, batch, self.pooling)
                 else:
-                    logits = self.model(**batch).logits
+                    logits = logits_of(self.model, batch, self.pooling)
                 logits = logits.float()
                 probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
                 out[idx] = probs.cpu().numpy()
