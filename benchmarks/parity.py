@@ -47,7 +47,7 @@ TASKS = {"ag_news": "data=ag_news", "trec": "data=trec"}
 ARMS = ("sftlab", "hf")
 #: the seed's recipe for the HF arm
 HF_RECIPE = {"learning_rate": 2e-5, "per_device_train_batch_size": 16, "num_train_epochs": 3,
-             "weight_decay": 0.01, "warmup_ratio": 0.1, "lr_scheduler_type": "linear"}
+             "weight_decay": 0.01, "warmup_steps": 0.1, "lr_scheduler_type": "linear"}  # a float < 1 is a ratio (5.x)
 
 
 def compose_train(overrides: list[str]):
