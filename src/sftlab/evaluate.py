@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sftlab.errors import ConfigError
 
@@ -81,6 +81,26 @@ def _labels_from_state(state: dict[str, Any]) -> list[str]:
     return list(labels)
 
 
+def data_config(data: DictConfig, split: str) -> DictConfig:
+    """``data`` with the files eval does not read left out, so ``data=local`` needs only one.
+
+    ``conf/data/local.yaml`` marks ``train_file`` mandatory (``???``) because training needs
+    it; scoring a file needs only that file (and train only to carve a missing validation
+    split), and the labels come from the model. So an unset file becomes null, and a split
+    with nothing to score is one sentence instead of omegaconf's error.
+    """
+    data = data.copy()
+    with open_dict(data):
+        for name in ("train", "validation", "test"):
+            key = f"{name}_file"
+            if key in data.keys() and OmegaConf.is_missing(data, key):
+                data[key] = None
+    carve = split == "validation" and data.get("train_file")
+    if not (data.get(f"{split}_file") or data.get("hub_name") or carve):
+        raise ConfigError(f"No {split} data to score: add data.{split}_file=<file>.")
+    return data
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
@@ -98,8 +118,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     max_length = cfg.model.get("max_length") or (trained.model.max_length if trained is not None else None)
     max_length = int(max_length or min(getattr(tokenizer, "model_max_length", 512), 512))
     datamodule = instantiate(
-        cfg.data, tokenizer=tokenizer, splits=[split], max_length=max_length,
-        label_names=module.label_names,
+        data_config(cfg.data, split), tokenizer=tokenizer, splits=[split], max_length=max_length,
+        label_names=module.label_names, label_names_from="the model",
     )
     trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
     if split == "test":
