@@ -49,6 +49,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     map_labels = staticmethod(map_labels)  # (raw, label_field, names) -> (names, mapped)
     clean = staticmethod(clean_texts)  # (df, split, text fields, empty_texts) -> df
     encode = staticmethod(encode_texts)  # (df, tokenizer, columns, max_length) -> Dataset
+    unserved: tuple[str, ...] = ("length",)  # dataset columns the loaders do not hand out
 
     def __init__(
         self,
@@ -223,7 +224,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
                     continue
                 self.lengths[split] = np.asarray(ds["length"])
                 self.datasets[split] = ds.with_format(
-                    "torch", columns=[c for c in ds.column_names if c != "length"],
+                    "torch", columns=[c for c in ds.column_names if c not in self.unserved],
                     output_all_columns=False,
                 )
 
