@@ -48,6 +48,8 @@ class TextClassifier(pl.LightningModule):
 
     #: the metric a study ranks by and checkpoints select on (``val/acc``)
     main_metric = "acc"
+    #: the transformers Auto class of the head (``sftlab.tasks`` names one per task)
+    auto_model = "AutoModelForSequenceClassification"
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class TextClassifier(pl.LightningModule):
                 pad_token_id=pad_token_id,
                 revision=revision,
                 trust_remote_code=trust_remote_code,
+                auto_class=self.auto_model,
             )
         check_max_length(model, self.max_length, name_or_path)
         model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here
