@@ -37,10 +37,12 @@ def ner_export(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("ner_export")
     tok = AutoTokenizer.from_pretrained(embedded_model_path())
-    torch.manual_seed(0)
+    # seed and init chosen so that, in eval mode, all four entity types occur in TEXTS (with
+    # smaller weights the random head tags nearly every word B-MISC)
+    torch.manual_seed(1)
     model = BertForTokenClassification(BertConfig(
         vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=128, initializer_range=0.3, num_labels=len(TAGS)))
+        intermediate_size=37, max_position_embeddings=128, initializer_range=1.0, num_labels=len(TAGS)))
     metrics = {"test/f1": 0.5, "test/f1/PER": 0.7, "test/precision/PER": 0.6, "test/recall/PER": 0.8}
     export_model(model, tok, run / "model", config={"model": {"max_length": 32}, "data": {"task": "token_classification"}},
                  metrics=metrics, extra={"label_names": TAGS, "task": "token_classification"})
