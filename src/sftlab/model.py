@@ -49,6 +49,8 @@ class TextClassifier(pl.LightningModule):
 
     #: the metric a study ranks by and checkpoints select on (``val/acc``)
     main_metric = "acc"
+    #: the transformers Auto class of the head (``sftlab.tasks`` names one per task)
+    auto_model = "AutoModelForSequenceClassification"
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class TextClassifier(pl.LightningModule):
                 pad_token_id=pad_token_id,
                 revision=revision,
                 trust_remote_code=trust_remote_code,
+                auto_class=self.auto_model,
             )
         check_max_length(model, self.max_length, name_or_path)
         # None: the stock head pools (exportable); else cls/mean/last/pooler by us (sftlab.pooling)

@@ -77,12 +77,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _main_metric(task: str | None = None) -> str:
+    """The metric name a task's checkpoints are chosen on (``acc``, ``f1``): conf/callbacks."""
+    from sftlab.tasks import main_metric
+
+    return main_metric(task)
+
+
 def _register() -> None:
     for name, fn in {
         "sftlab.embedded_model": embedded_model_path,
         "sftlab.root": project_root,
         "sftlab.unique": lambda: _UNIQUE,
         "sftlab.auto_precision": auto_precision,
+        "sftlab.main_metric": _main_metric,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
