@@ -69,12 +69,16 @@ def test_string_labels_tsv_and_carved_validation(tokenizer, tmp_path):
     assert [int(i) for i in dm2.datasets["validation"]["idx"]] == [int(i) for i in dm.datasets["validation"]["idx"]]
 
 
-def test_second_identical_setup_hits_the_cache(tokenizer, tiny_data, tmp_path):
+def test_second_identical_setup_hits_the_cache(tokenizer, tiny_data, tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
     kw = dict(train_file=str(tiny_data["train"]), validation_file=str(tiny_data["validation"]))
     first = make_dm(tokenizer, tmp_path, **kw)
     first.setup()
     assert first.cache_hit is False
-    second = make_dm(tokenizer, tmp_path, **kw)
+    # a fresh tokenizer, as a new run has: every split hits (tokenizing train once stored the
+    # truncation settings in the tokenizer, which used to change the key of validation)
+    second = make_dm(AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path, **kw)
     second.setup()
     assert second.cache_hit is True
     assert second.datasets["train"][0]["input_ids"].tolist() == first.datasets["train"][0]["input_ids"].tolist()

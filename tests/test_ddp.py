@@ -144,3 +144,37 @@ def test_two_process_metrics_equal_a_single_process_evaluation(tmp_path, tiny_da
     # only rank 0 wrote: its log has no line of rank 1
     log = (run / "train.log").read_text()
     assert "Seed set to 42" in log and "[rank: 1]" not in log
+
+
+@pytest.mark.ddp  # two processes on 2 busy cores: like the test above, in the default set
+def test_ner_two_process_metrics_count_each_sentence_once(tmp_path, varied_model_dir):
+    """Token classification under DDP: the sentences of both ranks are gathered before seqeval,
+    so the entity F1 of two processes equals one process's on the same checkpoint."""
+    from conftest import compose_config
+
+    from sftlab.evaluate import evaluate
+
+    logs = tmp_path / "logs"
+    proc = cli([f"model.name_or_path={varied_model_dir}", "data=conll2003", "debug=fast",
+                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                # 32 validation/test sentences in batches of 10: rank 0 scores 10 + 6, rank 1 10 + 6
+                "data.eval_batch_size=10", "optimizer.lr=1e-4", f"paths.log_dir={logs}",
+                f"paths.cache_dir={tmp_path / 'cache'}", "+trainer.enable_progress_bar=false",
+                "~callbacks.progress_bar"], timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (logs / "debug" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
+    assert [r["idx"] for r in rows] == list(range(32))  # each test sentence once
+    assert 0 < metrics["test/f1"] < 1  # varied tags: a duplicated or missing sentence would move it
+    for split, prefix in (("test", "test"), ("validation", "val")):
+        out = tmp_path / f"eval_{split}"
+        ecfg = compose_config([f"ckpt_path={metrics['best_checkpoint']}", f"split={split}", "data=conll2003",
+                               "data.max_eval_samples=32", "data.eval_batch_size=7", "trainer.accelerator=cpu",
+                               "trainer.precision=32-true", f"paths.output_dir={out}", f"hydra.run.dir={out}",
+                               f"paths.cache_dir={tmp_path / 'cache'}"], config="eval")
+        single = evaluate(ecfg)
+        keys = [k for k in single if k.startswith(prefix + "/")]
+        assert {f"{prefix}/f1", f"{prefix}/precision", f"{prefix}/recall", f"{prefix}/acc"} <= set(keys)
+        for key in keys:
+            assert metrics[key] == pytest.approx(single[key], abs=1e-6), key

@@ -76,6 +76,19 @@ def test_grid_cells_show_each_jobs_status(tmp_path):
     assert "Best val/acc: job 0 (full, lr 1e-05)" in md
 
 
+def test_an_ner_sweep_is_ranked_on_entity_f1(tmp_path):
+    """Token-classification jobs record main_metric f1: the best job and the grid are by val/f1,
+    not by val/acc (token accuracy, which ranks these two jobs the other way)."""
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, 0, "full", 1e-5, {"status": "completed", "main_metric": "f1", "val/f1": 0.7,
+                                      "val/acc": 0.95, "test/f1": 0.65})
+    fake_job(sweep, 1, "full", 5e-5, {"status": "completed", "main_metric": "f1", "val/f1": 0.8,
+                                      "val/acc": 0.94, "test/f1": 0.75})
+    md = (report(sweep) / "results.md").read_text()
+    assert "Best val/f1: job 1 (full, lr 5e-05): val/f1 0.8000, test/f1 0.7500." in md
+    assert "## val/f1: strategy × lr" in md and "| full | 0.7000 | 0.8000 |" in md
+
+
 def study_job(sweep: Path, num: int, strategy: str, lr: float, seed: int, metrics: dict | None,
               lr_scale: float | None = None) -> None:
     job = sweep / str(num)

@@ -45,7 +45,8 @@ def print_parts_table(rows: Iterable[Mapping[str, Any]], title: str = "parts") -
 
 
 def print_metrics_table(metrics: Mapping[str, Any], title: str = "results") -> None:
-    """Validation and test metrics side by side (acc, f1_macro, loss)."""
+    """Validation and test metrics side by side (acc, f1_macro, loss; entity f1, precision,
+    recall for token classification)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -56,7 +57,7 @@ def print_metrics_table(metrics: Mapping[str, Any], title: str = "results") -> N
     table.add_column("metric")
     for s in splits:
         table.add_column(s, justify="right")
-    for name in ("acc", "f1_macro", "loss"):
+    for name in ("f1", "precision", "recall", "acc", "f1_macro", "loss"):
         if any(f"{s}/{name}" in metrics for s in splits):
             table.add_row(name, *(fmt(metrics.get(f"{s}/{name}", "")) for s in splits))
     Console().print(table)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sftlab.errors import ConfigError
 
@@ -35,13 +35,14 @@ def _trained_config(model_dir: Path | None, ckpt: Path | None) -> DictConfig | N
 
 
 def load_module(cfg: DictConfig):
-    """(module, tokenizer, trained config) from model_dir or ckpt_path."""
+    """(module, tokenizer, trained config, task) from model_dir or ckpt_path."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    import transformers
+    from hydra.utils import get_class
 
     from sftlab.config import instantiate
-    from sftlab.model import TextClassifier
     from sftlab.pretrained import load_tokenizer
+    from sftlab.tasks import build_module, task_of, task_of_model
 
     if bool(cfg.get("model_dir")) == bool(cfg.get("ckpt_path")):
         raise ConfigError("Give exactly one of model_dir=<run dir or model folder> or ckpt_path=<.ckpt file>.")
@@ -50,11 +51,12 @@ def load_module(cfg: DictConfig):
 
         model_dir = resolve_model_dir(cfg.model_dir)
         trained = _trained_config(model_dir, None)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        task = task_of_model(transformers.AutoConfig.from_pretrained(model_dir))
+        model = getattr(transformers, task.auto_model).from_pretrained(model_dir)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         tokenizer = load_tokenizer(str(model_dir))
-        module = TextClassifier(str(model_dir), labels, model=model)
-        return module, tokenizer, trained
+        module = get_class(task.module)(str(model_dir), labels, model=model)
+        return module, tokenizer, trained, task
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise ConfigError(f"ckpt_path={str(ckpt)!r} does not exist; point it at a run's checkpoints/*.ckpt.")
@@ -67,10 +69,11 @@ def load_module(cfg: DictConfig):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     tokenizer = load_tokenizer(**mcfg)
     labels = _labels_from_state(state)
-    module = instantiate(mcfg, label_names=labels, strategy=instantiate(trained.strategy),
-                         pad_token_id=tokenizer.pad_token_id, _convert_="all")
+    task = task_of(trained)
+    module = build_module(mcfg, task, label_names=labels, strategy=instantiate(trained.strategy),
+                          pad_token_id=tokenizer.pad_token_id, _convert_="all")
     module.load_state_dict(state["state_dict"])
-    return module, tokenizer, trained
+    return module, tokenizer, trained, task
 
 
 def _labels_from_state(state: dict[str, Any]) -> list[str]:
@@ -99,6 +102,26 @@ def _eval_precision(cfg: DictConfig, model, trained: DictConfig | None) -> None:
     resolve_precision(cfg, model)
 
 
+def data_config(data: DictConfig, split: str) -> DictConfig:
+    """``data`` with the files eval does not read left out, so ``data=local`` needs only one.
+
+    ``conf/data/local.yaml`` marks ``train_file`` mandatory (``???``) because training needs
+    it; scoring a file needs only that file (and train only to carve a missing validation
+    split), and the labels come from the model. So an unset file becomes null, and a split
+    with nothing to score is one sentence instead of omegaconf's error.
+    """
+    data = data.copy()
+    with open_dict(data):
+        for name in ("train", "validation", "test"):
+            key = f"{name}_file"
+            if key in data.keys() and OmegaConf.is_missing(data, key):
+                data[key] = None
+    carve = split == "validation" and data.get("train_file")
+    if not (data.get(f"{split}_file") or data.get("hub_name") or carve):
+        raise ConfigError(f"No {split} data to score: add data.{split}_file=<file>.")
+    return data
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
@@ -106,18 +129,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from sftlab.console import print_metrics_table
     from sftlab.files import write_json
     from sftlab.results import save_confusion, scalar_metrics
+    from sftlab.tasks import build_datamodule
 
     route_lightning_logs()
     split = cfg.get("split", "test")
     if split not in _PREFIX:
         raise ConfigError(f"split={split!r} is not one of test, validation.")
     pl.seed_everything(cfg.seed, workers=True)
-    module, tokenizer, trained = load_module(cfg)
+    module, tokenizer, trained, task = load_module(cfg)
     max_length = cfg.model.get("max_length") or (trained.model.max_length if trained is not None else None)
     max_length = int(max_length or min(getattr(tokenizer, "model_max_length", 512), 512))
-    datamodule = instantiate(
-        cfg.data, tokenizer=tokenizer, splits=[split], max_length=max_length,
-        label_names=module.label_names,
+    # the model's task, whatever data.task says: its head decides what a file must hold
+    datamodule = build_datamodule(
+        data_config(cfg.data, split), task, tokenizer=tokenizer, splits=[split],
+        max_length=max_length, label_names=module.label_names, label_names_from="the model",
     )
     _eval_precision(cfg, module.model, trained)
     trainer: pl.Trainer = instantiate(cfg.trainer, use_distributed_sampler=False)
@@ -128,7 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = scalar_metrics(results[0])
     if trainer.is_global_zero:
         out = output_dir(cfg)
-        if split == "test" and module.test_confusion is not None:
+        if split == "test" and getattr(module, "test_confusion", None) is not None:
             save_confusion(module.test_confusion, module.label_names, out)
         write_json(out / "metrics.json", metrics)
         print_metrics_table(metrics, title=f"eval · {split}")
@@ -138,4 +163,5 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float:
     metrics = evaluate(cfg)
     prefix = _PREFIX.get(cfg.get("split", "test"), "test")
-    return float(metrics.get(f"{prefix}/acc", float("nan")))
+    main = metrics.get(f"{prefix}/f1") if f"{prefix}/f1" in metrics else metrics.get(f"{prefix}/acc")
+    return float(main if main is not None else float("nan"))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sftlab.errors import ConfigError
+from sftlab.pooling import logits_of, resolve_pooling
 from sftlab.pretrained import check_max_length, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class TextClassifier(pl.LightningModule):
 
     #: the metric a study ranks by and checkpoints select on (``val/acc``)
     main_metric = "acc"
+    #: the transformers Auto class of the head (``sftlab.tasks`` names one per task)
+    auto_model = "AutoModelForSequenceClassification"
 
     def __init__(
         self,
@@ -65,6 +68,7 @@ class TextClassifier(pl.LightningModule):
         pad_token_id: int | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        pooling: str = "auto",
         model: Any = None,
     ) -> None:
         super().__init__()
@@ -84,8 +88,11 @@ class TextClassifier(pl.LightningModule):
                 pad_token_id=pad_token_id,
                 revision=revision,
                 trust_remote_code=trust_remote_code,
+                auto_class=self.auto_model,
             )
         check_max_length(model, self.max_length, name_or_path)
+        # None: the stock head pools (exportable); else cls/mean/last/pooler by us (sftlab.pooling)
+        self.pooling = resolve_pooling(model, pooling, name_or_path)
         model.train()  # from_pretrained returns eval mode; Lightning toggles modes from here
         self.strategy = strategy
         # The strategy freezes what starts frozen *now*, before any Trainer/DDP wrapping, so
@@ -146,7 +153,7 @@ class TextClassifier(pl.LightningModule):
     # ------------------------------------------------------------------------- steps
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in _META_KEYS}
-        return self.model(**inputs).logits
+        return logits_of(self.model, inputs, self.pooling)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)

@@ -79,9 +79,12 @@ def load_pretrained(
     pad_token_id: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    auto_class: str = "AutoModelForSequenceClassification",
 ):
-    """``AutoModelForSequenceClassification`` with the data's labels and dropout overrides."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """``auto_class`` (the task's head, sequence classification by default) with the data's
+    labels and dropout overrides."""
+    import transformers
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     try:
@@ -103,7 +106,7 @@ def load_pretrained(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = getattr(transformers, auto_class).from_pretrained(
             name_or_path, config=config, revision=revision, trust_remote_code=trust_remote_code
         )
     finally:

@@ -38,6 +38,13 @@ def project_root() -> str:
     return os.getcwd()
 
 
+def _main_metric(task: str | None = None) -> str:
+    """The metric name a task's checkpoints are chosen on (``acc``, ``f1``): conf/callbacks."""
+    from sftlab.tasks import main_metric
+
+    return main_metric(task)
+
+
 def _register() -> None:
     for name, fn in {
         "sftlab.embedded_model": embedded_model_path,
@@ -45,6 +52,7 @@ def _register() -> None:
         "sftlab.unique": lambda: _UNIQUE,
         # runs from before the calibration saved this in .hydra/config.yaml: it now means auto
         "sftlab.auto_precision": lambda *_: "auto",
+        "sftlab.main_metric": _main_metric,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -101,6 +101,14 @@ def save_test_predictions(module, label_names: list[str], out: Path) -> None:
     (out / "test_predictions.csv").write_text("\n".join(lines) + "\n")
 
 
+def save_tag_predictions(rows, out: Path) -> None:
+    """Token classification: per test sentence (file row order) its true and predicted tags."""
+    import json
+
+    lines = [json.dumps({"idx": idx, "tags": true, "predicted": pred}) for idx, true, pred in sorted(rows)]
+    (out / "test_predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def save_results(cfg, out: Path, module, label_names: list[str], metrics: dict[str, Any], loggers) -> None:
     """metrics.json, the confusion matrix, per-example test predictions, and the summary table."""
     from sftlab.console import print_metrics_table
@@ -112,6 +120,8 @@ def save_results(cfg, out: Path, module, label_names: list[str], metrics: dict[s
         rows = sorted(module.test_predictions)
         preds = [max(range(len(p)), key=p.__getitem__) for _, _, p in rows]
         log_confusion_to_wandb(loggers, [t for _, t, _ in rows], preds, label_names)
+    elif getattr(module, "test_tag_rows", None):
+        save_tag_predictions(module.test_tag_rows, out)
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)
                         and not k.startswith(("val/", "test/"))}, step=int(metrics.get("global_step", 0)))

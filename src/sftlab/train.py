@@ -105,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from sftlab.results import peak_rss_mb, run_stats, save_results
     from sftlab.runs import keep_csv_history
     from sftlab.secrets import public_config
+    from sftlab.tasks import build_datamodule, build_module, task_of
 
     route_lightning_logs()
     out = output_dir(cfg)
@@ -112,15 +113,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     secrets = _guard_secrets(cfg, out, resuming)
     pl.seed_everything(cfg.seed, workers=True)
 
-    # 1. prepare data (labels come from the data: the head's size and id2label)
+    # 1. prepare data (labels come from the data: the head's size and id2label; the data
+    # config names the task, sequence classification unless data.task says otherwise)
+    task = task_of(cfg)
     tokenizer = load_tokenizer(**cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = build_datamodule(cfg.data, task, tokenizer=tokenizer)
     label_names = datamodule.label_names
 
     # 2-3. load the pretrained model and build the task around it with the strategy
     strategy = instantiate(cfg.strategy)
-    module = instantiate(
-        cfg.model,
+    module = build_module(
+        cfg.model, task,
         label_names=label_names,
         strategy=strategy,
         optimizer=instantiate(cfg.optimizer),
@@ -179,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
                 export_model(
                     strategy.export_model(module.model), tokenizer, out / "model",
-                    config=hparams, metrics=metrics, extra={"label_names": label_names},
+                    config=hparams, metrics=metrics, extra={"label_names": label_names, "task": task.name},
                 )
     except BaseException:
         finish_wandb(trainer.loggers, failed=True)
@@ -203,7 +206,8 @@ def evaluate_best(cfg: DictConfig, trainer, module, datamodule) -> dict[str, Any
 
 
 def main(cfg: DictConfig) -> float:
-    """Hydra task function: returns val/acc, the value sweepers (optuna) maximise.
+    """Hydra task function: returns the task's main validation metric (val/acc, val/f1), the
+    value sweepers (optuna) maximise.
 
     A failed run records ``status: failed`` and the error in its own metrics.json. In a
     multirun, one failing job (a NaN at a silly LR, a bad combination) must not take the
@@ -217,7 +221,8 @@ def main(cfg: DictConfig) -> float:
 
     _RUN_DIR = None
     try:
-        return float(train(cfg).get("val/acc", float("nan")))
+        metrics = train(cfg)
+        return float(metrics.get(f"val/{metrics.get('main_metric', 'acc')}", float("nan")))
     except RunInterrupted as err:
         if _RUN_DIR is not None and is_rank_zero():
             record_interrupted(_RUN_DIR, err)

@@ -10,6 +10,9 @@ One module per step, each usable on its own:
 - ``batching``: the length-grouped batch sampler, the resumable loader and ``collate``
   (no Lightning: the deploy side pads prediction batches with it).
 - ``module``: ``TextClassificationDataModule``, the Lightning data module wiring them.
+- ``tags``: token classification's readers (word lists with tags: JSONL/JSON/Parquet, CoNLL
+  columns), the tag-scheme check (IOB2; IOB1/BIOES converted) and the tag set from train;
+  ``token_module``: ``TokenClassificationDataModule``, the data module with those steps.
 
 Every public name is importable from ``sftlab.data`` (``_target_:
 sftlab.data.TextClassificationDataModule`` in ``conf/data``). Names load on first use
@@ -41,6 +44,10 @@ _EXPORTS = {
     "ResumableDataLoader": "batching",
     "collate": "batching",
     "TextClassificationDataModule": "module",
+    "read_tagged": "tags",
+    "to_iob2": "tags",
+    "map_tags": "tags",
+    "TokenClassificationDataModule": "token_module",
 }
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "ResumableDataLoader",
     "SPLITS",
     "TextClassificationDataModule",
+    "TokenClassificationDataModule",
     "carve_validation",
     "check_columns",
     "clean_texts",
@@ -59,8 +67,11 @@ __all__ = [
     "fingerprint",
     "load_or_tokenize",
     "map_labels",
+    "map_tags",
     "read_hub",
     "read_table",
+    "read_tagged",
+    "to_iob2",
     "tokenizer_digest",
 ]
 
@@ -80,6 +91,8 @@ if TYPE_CHECKING:
         read_hub,
         read_table,
     )
+    from sftlab.data.tags import map_tags, read_tagged, to_iob2
+    from sftlab.data.token_module import TokenClassificationDataModule
 
 
 def __getattr__(name: str) -> Any:

@@ -212,8 +212,10 @@ def _pad_tensors(features: list[dict], tokenizer) -> dict | None:
 
     if not features or tokenizer is None or tokenizer.pad_token_id is None:
         return None
+    # labels / word_starts are 1-D only in token classification (-100: no loss on padding)
     pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "special_tokens_mask": 1,
-                  "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+                  "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0), "labels": -100,
+                  "word_starts": 0}
     side = getattr(tokenizer, "padding_side", "right")
     out = {}
     for key in features[0]:

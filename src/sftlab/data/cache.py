@@ -28,11 +28,21 @@ _CACHE_VERSION = "2"
 
 
 def tokenizer_digest(tok: Any) -> str:
-    """Hash of the tokenizer's vocabulary/normalizer (two tokenizers with one name may differ)."""
+    """Hash of the tokenizer's vocabulary/normalizer (two tokenizers with one name may differ).
+
+    The backend's truncation and padding settings are left out: calling the tokenizer with
+    ``truncation=True, max_length=...`` stores them in it, so a run that tokenized its train
+    split would otherwise key validation differently from a run that loaded train from the
+    cache (max_length is in the key on its own).
+    """
     try:
         backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
         if backend is not None:
-            return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+            state = json.loads(backend.to_str())
+            if isinstance(state, dict):
+                state.pop("truncation", None)
+                state.pop("padding", None)
+            return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     except Exception:  # slow tokenizers: fall back to the vocabulary
         pass
     try:

@@ -27,13 +27,16 @@ def _as_ints(series) -> np.ndarray | None:
 
 
 def map_labels(
-    raw: dict[str, Any], label_field: str, label_names: Sequence[str] | None = None
+    raw: dict[str, Any], label_field: str, label_names: Sequence[str] | None = None,
+    *, names_from: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Turn the label column into ids 0..K-1 and return ``(names in id order, mapped frames)``.
 
     Integer labels (or strings of digits) are ids; other strings are names, mapped to ids
     by ``label_names`` when given, else by sorted order of the training labels. A label that
     the names (or, without names, the training data) do not know fails in one sentence.
+    ``names_from`` says where fixed names came from when they are not the user's to extend
+    (``"the model"`` for eval.py: its head has exactly those labels), which changes the advice.
     """
     col = label_field
     given = list(label_names) if label_names is not None else None
@@ -49,6 +52,11 @@ def map_labels(
         k = len(names)
         for split, ids in int_labels.items():
             bad = ids[(ids < 0) | (ids >= k)]
+            if len(bad) and names_from:
+                raise DataError(
+                    f"The {split} data has label {int(bad[0])} but {names_from} knows only {k} "
+                    f"labels (0..{k - 1}: {', '.join(names)}); score a file with those labels only."
+                )
             if len(bad):
                 raise DataError(
                     f"The {split} data has label {int(bad[0])} but only {k} labels exist "
@@ -68,6 +76,11 @@ def map_labels(
         for split, df in raw.items():
             vals = [str(v) for v in df[col]]
             unknown = sorted({v for v in vals if v not in index})
+            if unknown and names_from:
+                raise DataError(
+                    f"The {split} data has label {unknown[0]!r} that {names_from} does not know "
+                    f"(known: {', '.join(names)}); score a file with those labels only."
+                )
             if unknown:
                 where = "never seen in train" if given is None else "not in data.label_names"
                 raise DataError(

@@ -49,6 +49,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     map_labels = staticmethod(map_labels)  # (raw, label_field, names) -> (names, mapped)
     clean = staticmethod(clean_texts)  # (df, split, text fields, empty_texts) -> df
     encode = staticmethod(encode_texts)  # (df, tokenizer, columns, max_length) -> Dataset
+    unserved: tuple[str, ...] = ("length",)  # dataset columns the loaders do not hand out
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         split_seed: int | None = None,
         cache_dir: str | None = None,
         splits: Sequence[str] | None = None,
+        label_names_from: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = checked("data.batch_size", batch_size, int, positive=True)
@@ -93,6 +95,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.label_field = label_field
         self.columns = Columns(text_field, text_pair_field, label_field)
         self._given_label_names = list(label_names) if label_names is not None else None
+        # where fixed label names came from when they are not the user's (eval.py: "the model")
+        self.label_names_from = label_names_from
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.group_by_length = bool(group_by_length)
         self.num_workers = int(num_workers)
@@ -150,7 +154,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 raise ConfigError("No validation data: set data.validation_file or data.train_file.")
             raw["train"], raw["validation"] = self.carve(
                 raw["train"], self.label_field, self.val_fraction, self.split_seed)
-        self._label_names, raw = self.map_labels(raw, self.label_field, self._given_label_names)
+        self._label_names, raw = self.map_labels(raw, self.label_field, self._given_label_names,
+                                                 names_from=self.label_names_from)
         for split in list(raw):
             raw[split] = self.clean(raw[split], split, self.columns.texts, self.empty_texts)
             cap = self.max_train_samples if split == "train" else self.max_eval_samples
@@ -219,7 +224,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
                     continue
                 self.lengths[split] = np.asarray(ds["length"])
                 self.datasets[split] = ds.with_format(
-                    "torch", columns=[c for c in ds.column_names if c != "length"],
+                    "torch", columns=[c for c in ds.column_names if c not in self.unserved],
                     output_all_columns=False,
                 )
 

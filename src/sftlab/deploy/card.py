@@ -31,39 +31,48 @@ def model_card(
 ) -> str:
     """The README.md of an exported folder: HF front matter, then what a reader needs to reuse it."""
     extra = extra or {}
+    token = (extra.get("task") or _get(config, "data.task")) == "token_classification"
     base = _get(config, "model.name_or_path")
     base_id = _hub_id(base)
     strategy = (metrics.get("strategy") or _get(config, "strategy.name")
                 or _short_target(_get(config, "strategy._target_")))
-    lines = (_front_matter(labels, config, base_id, strategy)
+    # token classification: scored per entity type (PER), not per tag (B-PER, I-PER)
+    classes = sorted({str(x)[2:] for x in labels if str(x) != "O"}) if token else labels
+    lines = (_front_matter(labels, config, base_id, strategy, token)
              + _base_model(base, base_id, model_type)
+             + _pooling(extra.get("pooling"))
              + _data(config)
              + _strategy(config, strategy)
              + _hyperparameters(config)
-             + _results(metrics)
-             + _per_class_table(labels, metrics, extra)
+             + _results(metrics, token)
+             + _per_class_table(classes, metrics, extra, token)
              + _training_run(metrics)
-             + _how_to_use())
+             + (_how_to_use_tagger() if token else _how_to_use()))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- sections
 def _front_matter(labels: Sequence[str], config: Mapping[str, Any], base_id: str | None,
-                  strategy: Any) -> list[str]:
-    """HF hub metadata (YAML between ``---``), the title and the label names in id order."""
+                  strategy: Any, token: bool = False) -> list[str]:
+    """HF hub metadata (YAML between ``---``), the title, the task and the labels in id order."""
     import yaml
 
     hub_data = _get(config, "data.hub_name")
-    front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-classification"}
+    pipeline = "token-classification" if token else "text-classification"
+    front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": pipeline}
     if base_id:
         front["base_model"] = base_id
-    front["tags"] = ["sftlab", "text-classification"] + ([str(strategy)] if strategy else [])
+    front["tags"] = ["sftlab", pipeline] + (["ner"] if token else []) + ([str(strategy)] if strategy else [])
     if hub_data:
         front["datasets"] = [str(hub_data)]
-    front["metrics"] = ["accuracy", "f1"]
+    front["metrics"] = ["seqeval", "f1", "precision", "recall"] if token else ["accuracy", "f1"]
+    what = "Token classifier (named-entity recognition)" if token else "Text classifier"
+    task = ("Task: token classification (a tag per word, IOB2; entities are scored with seqeval: "
+            "exact span and type)." if token else "Task: sequence classification (one label per text).")
+    names = "Tags" if token else "Labels"
     return ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-            f"# Text classifier fine-tuned with sftlab{f' from {base_id}' if base_id else ''}", "",
-            f"Labels ({len(labels)}, in id order): " + ", ".join(f"`{x}`" for x in labels), ""]
+            f"# {what} fine-tuned with sftlab{f' from {base_id}' if base_id else ''}", "", task, "",
+            f"{names} ({len(labels)}, in id order): " + ", ".join(f"`{x}`" for x in labels), ""]
 
 
 def _base_model(base: Any, base_id: str | None, model_type: str | None) -> list[str]:
@@ -73,6 +82,17 @@ def _base_model(base: Any, base_id: str | None, model_type: str | None) -> list[
     if model_type:
         lines.append(f"- architecture: `{model_type}`")
     return [*lines, ""]
+
+
+def _pooling(pooling: Any) -> list[str]:
+    """A warning when the run pooled in a way stock transformers cannot reproduce."""
+    if not pooling:
+        return []
+    return ["## Pooling", "",
+            f"Trained with `model.pooling={pooling}` (recorded as `sftlab_pooling` in `config.json`). "
+            "Load it with sftlab (`Classifier.load`, `predict.py`, `serve.py`) to get the run's "
+            "predictions: stock `AutoModelForSequenceClassification` and `pipeline` ignore that key "
+            "and read the head through the architecture's own pooling, which predicts differently.", ""]
 
 
 def _data(config: Mapping[str, Any]) -> list[str]:
@@ -87,7 +107,9 @@ def _data(config: Mapping[str, Any]) -> list[str]:
     for split in ("train", "validation", "test"):
         if data.get(f"{split}_file"):
             rows.append(f"- {split}: `{Path(str(data[f'{split}_file'])).name}`")
-    for key in ("text_field", "text_pair_field", "label_field"):
+    token = data.get("task") == "token_classification"
+    keys = ("tokens_field", "tags_field", "tag_scheme") if token else ("text_field", "text_pair_field", "label_field")
+    for key in keys:
         if data.get(key):
             rows.append(f"- {key}: `{data[key]}`")
     return ["## Data", "", *(rows or ["- not recorded"]), ""]
@@ -128,10 +150,12 @@ def _hyperparameters(config: Mapping[str, Any]) -> list[str]:
             *(rows or ["| (not recorded) | |"]), ""]
 
 
-def _results(metrics: Mapping[str, Any]) -> list[str]:
-    """acc, f1_macro and loss, one column per split that has any."""
+def _results(metrics: Mapping[str, Any], token: bool = False) -> list[str]:
+    """acc, f1_macro and loss (entity f1, precision, recall, token acc and loss for token
+    classification), one column per split that has any."""
     splits = [s for s in ("val", "test") if any(str(k).startswith(f"{s}/") for k in metrics)]
-    names = [n for n in ("acc", "f1_macro", "loss") if any(f"{s}/{n}" in metrics for s in splits)]
+    order = ("f1", "precision", "recall", "acc", "loss") if token else ("acc", "f1_macro", "loss")
+    names = [n for n in order if any(f"{s}/{n}" in metrics for s in splits)]
     if not names:
         return ["## Results", "", "No metrics were recorded for this export.", ""]
     lines = ["## Results", "",
@@ -143,12 +167,13 @@ def _results(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def _per_class_table(labels: Sequence[str], metrics: Mapping[str, Any],
-                     extra: Mapping[str, Any]) -> list[str]:
+                     extra: Mapping[str, Any], token: bool = False) -> list[str]:
     per_class = _per_class(labels, metrics, extra)
     if not per_class:
         return []
     cols = [c for c in ("precision", "recall", "f1") if any(c in r for r in per_class.values())]
-    lines = ["### Per-class (test)", "", "| label | " + " | ".join(cols) + " |",
+    title, what = ("Per entity type (test, seqeval)", "type") if token else ("Per-class (test)", "label")
+    lines = [f"### {title}", "", f"| {what} | " + " | ".join(cols) + " |",
              "|---|" + "---:|" * len(cols)]
     lines += [f"| {label} | " + " | ".join(fmt(row.get(c, "")) for c in cols) + " |"
               for label, row in per_class.items()]
@@ -198,6 +223,47 @@ def _how_to_use() -> list[str]:
         f'python predict.py model_dir=path/to/this/folder text="{_EXAMPLE}"',
         "python predict.py model_dir=path/to/this/folder input=texts.csv text_field=text "
         "output=preds.jsonl",
+        "python serve.py model_dir=path/to/this/folder port=8000",
+        "```",
+        "",
+        "Files: `model.safetensors`, `config.json` (with `id2label`), the tokenizer, "
+        f"`{CONFIG_FILE}` (the resolved training config, secrets removed), `{METRICS_FILE}`.",
+        "",
+    ]
+
+
+def _how_to_use_tagger() -> list[str]:
+    """Token classification: the pipeline with entity grouping, sftlab's API, CLI and service."""
+    from sftlab.deploy.export import CONFIG_FILE, METRICS_FILE
+
+    text = "Peter Blackburn spoke in Brussels for the European Commission."
+    return [
+        "## How to use",
+        "",
+        "With transformers alone (entities with character offsets):",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'ner = pipeline("token-classification", model="path/to/this/folder", aggregation_strategy="simple")',
+        f'print(ner("{text}"))',
+        "```",
+        "",
+        "With sftlab (the same entities, for many texts at once):",
+        "",
+        "```python",
+        "from sftlab import Classifier",
+        "",
+        'tagger = Classifier.load("path/to/this/folder")',
+        f'tagger.predict(["{text}"])',
+        "# [{'text': ..., 'entities': [{'entity_group': 'PER', 'word': ..., 'start': 0, 'end': 15, "
+        "'score': ...}, ...]}]",
+        "```",
+        "",
+        "From the command line (JSON lines on stdout) or as an HTTP service:",
+        "",
+        "```bash",
+        f'python predict.py model_dir=path/to/this/folder text="{text}"',
         "python serve.py model_dir=path/to/this/folder port=8000",
         "```",
         "",

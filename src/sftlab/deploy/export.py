@@ -61,6 +61,14 @@ def export_model(
             )
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
+    from sftlab.pooling import CONFIG_KEY
+
+    pooling = getattr(model.config, CONFIG_KEY, None)
+    if pooling:
+        extra["pooling"] = pooling
+        log.warning("The export records model.pooling=%s (config.json: %s): sftlab's Classifier, predict.py, "
+                    "serve.py and eval.py reproduce the run; stock transformers/pipeline would read the "
+                    "head differently (README, Pooling).", pooling, CONFIG_KEY)
     # save_pretrained writes safetensors by default (transformers >= 4.35; the only format in 5.x)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -46,6 +46,10 @@ class Classifier:
         _check_precision(precision)
         self.device = torch.device(device) if device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        from sftlab.pooling import resolve_pooling
+
+        # a run trained with model.pooling=mean/cls/last exported it in config.json (sftlab_pooling)
+        self.pooling = resolve_pooling(model, "auto")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.precision = precision
@@ -69,14 +73,22 @@ class Classifier:
     @classmethod
     def load(cls, path: str | Path, device=None, precision: str = "fp32",
              max_length: int | None = None) -> Classifier:
-        """Load an exported folder or a run dir holding ``model/`` (raises SftlabError if neither)."""
+        """Load an exported folder or a run dir holding ``model/`` (raises SftlabError if neither).
+
+        A token-classification folder (NER) gives an :class:`EntityTagger`, whose ``predict``
+        returns entities instead of a label.
+        """
         _check_precision(precision)
         model_dir = resolve_model_dir(path)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        import transformers
+        from transformers import AutoTokenizer
+
+        from sftlab.tasks import task_of_model
 
         try:
+            task = task_of_model(transformers.AutoConfig.from_pretrained(model_dir))
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+            model = getattr(transformers, task.auto_model).from_pretrained(model_dir)
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SftlabError(
@@ -84,8 +96,9 @@ class Classifier:
                 "sftlab.deploy.export_model or model.save_pretrained + tokenizer.save_pretrained."
             ) from None
         max_length = max_length or _trained_max_length(model_dir)
-        return cls(model, tokenizer, max_length=max_length, device=device,
-                   precision=precision, source=str(model_dir))
+        kind = EntityTagger if task.name == "token_classification" else cls
+        return kind(model, tokenizer, max_length=max_length, device=device,
+                    precision=precision, source=str(model_dir))
 
     # -- inference
     def predict_proba(self, texts: str | Iterable[str], batch_size: int = 64):
@@ -147,6 +160,7 @@ class Classifier:
         import torch
 
         from sftlab.data.batching import collate
+        from sftlab.pooling import logits_of
 
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         keys = [k for k in enc.keys() if k in _MODEL_INPUTS]
@@ -163,13 +177,74 @@ class Classifier:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 if autocast is not None:
                     with autocast:
-                        logits = self.model(**batch).logits
+                        logits = logits_of(self.model, batch, self.pooling)
                 else:
-                    logits = self.model(**batch).logits
+                    logits = logits_of(self.model, batch, self.pooling)
                 logits = logits.float()
                 probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
                 out[idx] = probs.cpu().numpy()
         return out
+
+
+class EntityTagger:
+    """A loaded token classifier (NER): ``Classifier.load(dir).predict(["some text", ...])``.
+
+    Each text gives ``{"text": ..., "entities": [{"entity_group", "word", "start", "end",
+    "score"}]}``, character offsets into the text. The entities are those of
+    ``transformers.pipeline("token-classification", aggregation_strategy="simple")`` on the
+    same folder, because they come from it: grouping sub-word tags into spans and mapping them
+    back to characters is subtle (offsets, ``##`` pieces, B-/I- runs), and the pipeline is what
+    anyone else loading the export runs. sftlab adds the run-dir lookup, batching, bf16 and a
+    flat JSON-ready record. Texts longer than the tokenizer's limit are cut there.
+    """
+
+    task = "token_classification"
+
+    def __init__(self, model, tokenizer, *, max_length: int | None = None, device=None,
+                 precision: str = "fp32", source: str | None = None):
+        import torch
+        from transformers import pipeline
+
+        _check_precision(precision)
+        self.device = torch.device(device) if device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.precision = precision
+        self.source = source
+        self.max_length = max_length
+        cfg = model.config
+        self.labels: list[str] = [str(cfg.id2label[i]) for i in range(int(cfg.num_labels))]
+        self.pipe = pipeline("token-classification", model=self.model, tokenizer=tokenizer,
+                             aggregation_strategy="simple", device=self.device)
+
+    def predict(self, texts: str | Iterable[str], batch_size: int = 64,
+                top_k: int | None = None) -> list[dict[str, Any]]:
+        """One record per text, in input order: the text and its entities."""
+        import torch
+
+        if top_k is not None:
+            raise ConfigError("top_k applies to text classification; a token classifier returns entities.")
+        batch_size = checked("batch_size", batch_size, int, positive=True)
+        texts = Classifier._as_list(texts)
+        if not texts:
+            return []
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    groups = self.pipe(texts, batch_size=batch_size)
+            else:
+                groups = self.pipe(texts, batch_size=batch_size)
+        return [{"text": text, "entities": [
+            {"entity_group": str(e["entity_group"]), "word": str(e["word"]), "start": int(e["start"]),
+             "end": int(e["end"]), "score": float(e["score"])} for e in ents]}
+            for text, ents in zip(texts, groups, strict=True)]
+
+    __call__ = predict
+
+    def __repr__(self) -> str:
+        return (f"EntityTagger(source={self.source!r}, tags={self.labels}, device={self.device}, "
+                f"precision={self.precision})")
 
 
 def _check_precision(precision: str) -> None:

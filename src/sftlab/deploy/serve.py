@@ -11,6 +11,8 @@ Endpoints::
 
     POST /predict  {"texts": ["...", ...], "top_k": 2}  -> {"predictions": [{label, label_id,
                                                              score, probabilities[, top_k]}]}
+                   (a token-classification model: {"predictions": [{text, entities: [{entity_group,
+                    word, start, end, score}]}]}, character offsets)
     GET  /health   -> {"status": "ok", "model": "<folder>", ...}
     GET  /labels   -> {"labels": [...]}
 
@@ -94,12 +96,27 @@ def create_app(
         probabilities: dict[str, float]
         top_k: list[tuple[str, float]] | None = None
 
+    class Entity(BaseModel):
+        entity_group: str
+        word: str
+        start: int
+        end: int
+        score: float
+
+    class Entities(BaseModel):
+        text: str
+        entities: list[Entity]
+
+    tagger = getattr(clf, "task", None) == "token_classification"
+
     class PredictResponse(BaseModel):
-        predictions: list[Prediction]
+        predictions: list[Entities] if tagger else list[Prediction]  # type: ignore[valid-type]
 
     app = FastAPI(
-        title="sftlab classifier",
-        description=f"Text classification with {clf.source}. Labels: {', '.join(clf.labels)}.",
+        title="sftlab tagger" if tagger else "sftlab classifier",
+        description=(f"Named-entity recognition with {clf.source}. Tags: {', '.join(clf.labels)}."
+                     if tagger else
+                     f"Text classification with {clf.source}. Labels: {', '.join(clf.labels)}."),
         version="1",
     )
     app.state.classifier = clf

@@ -23,10 +23,22 @@ def _fmt(v: Any, col: str = "") -> str:
 MAX_GRID_LRS = 8
 
 
+def main_key(rows: list[dict[str, Any]]) -> str:
+    """``val/<the task's main metric>``: val/acc, or val/f1 for token classification."""
+    from sftlab.report.study import main_metric
+
+    return f"val/{main_metric(rows)}"
+
+
+def _get(row: dict[str, Any], key: str) -> Any:
+    return row.get(key, (row.get("metrics") or {}).get(key))
+
+
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed job with the highest val/acc (what a sweeper maximises), ties: first job."""
-    done = [r for r in rows if r["status"] == "completed" and _finite(r.get("val/acc"))]
-    return max(done, key=lambda r: float(r["val/acc"])) if done else None
+    """The completed job with the best main metric (what a sweeper maximises), ties: first job."""
+    key = main_key(rows)
+    done = [r for r in rows if r["status"] == "completed" and _finite(_get(r, key))]
+    return max(done, key=lambda r: float(_get(r, key))) if done else None
 
 
 def _finite(v: Any) -> bool:
@@ -44,22 +56,24 @@ def write_tables(rows: list[dict[str, Any]], out: Path, sweep_dir: Path | None =
     shown = [c for c in COLUMNS if c not in ("overrides", "error")]
     lines = ["# Sweep report", "", f"{len(rows)} jobs, {sum(r['status'] == 'completed' for r in rows)} completed.", ""]
     best = best_row(rows)
+    key = main_key(rows)
+    test_key = "test/" + key.split("/", 1)[1]
     if best is not None:
-        lines += [f"Best val/acc: job {best['job']} ({best['strategy']}, lr {_fmt(_num(best['lr']))}): "
-                  f"val/acc {_fmt(best['val/acc'])}, test/acc {_fmt(best.get('test/acc'))}.", ""]
+        lines += [f"Best {key}: job {best['job']} ({best['strategy']}, lr {_fmt(_num(best['lr']))}): "
+                  f"{key} {_fmt(_get(best, key))}, {test_key} {_fmt(_get(best, test_key))}.", ""]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r[c], c) for c in shown) + " |" for r in rows]
     strategies = sorted({r["strategy"] for r in rows})
     lrs = sorted({float(r["lr"]) for r in rows if _finite(r["lr"])})
     if strategies and lrs and len(lrs) <= MAX_GRID_LRS:
-        lines += ["", "## val/acc: strategy × lr", "",
+        lines += ["", f"## {key}: strategy × lr", "",
                   "| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|" + "---|" * len(lrs)]
         for s in strategies:
             cells = []
             for lr in lrs:
                 hit = [r for r in rows if r["strategy"] == s and _finite(r["lr"]) and float(r["lr"]) == lr]
-                cells.append(_fmt(hit[0]["val/acc"]) if hit and hit[0]["status"] == "completed"
+                cells.append(_fmt(_get(hit[0], key)) if hit and hit[0]["status"] == "completed"
                              else (str(hit[0]["status"]) if hit else ""))
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     optuna = load_yaml(sweep_dir / "optimization_results.yaml") if sweep_dir is not None else None
