@@ -195,6 +195,17 @@ def test_step_flops_by_hand(tiny_bert):
     assert step_flops(tiny_bert).batch(tokens, seqs, len_sq) == want
 
 
+def test_a_token_classifiers_head_reads_every_token():
+    """NER: the head runs on every real token (no pooler), not once per sequence."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    model = BertForTokenClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=37, num_labels=9))
+    block, head = 4 * 32 * 32 + 2 * 32 * 37, 32 * 9
+    coef = step_flops(model, head_per_token=True)
+    assert (coef.per_token, coef.per_sequence) == (6 * (2 * block + head), 0)
+
+
 @pytest.mark.parametrize("mode", ["full", "head_only", "top_block"])
 def test_step_flops_equal_torchs_flop_counter(tiny_bert, mode):
     """On a batch without padding, the count equals what torch's FlopCounterMode sees in a

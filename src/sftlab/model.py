@@ -51,6 +51,8 @@ class TextClassifier(pl.LightningModule):
     main_metric = "acc"
     #: the transformers Auto class of the head (``sftlab.tasks`` names one per task)
     auto_model = "AutoModelForSequenceClassification"
+    #: what the head reads: one position per ``sequence``, or every ``token`` (model FLOPs, MFU)
+    head_rows = "sequence"
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ frameworks, where samples/s is not. What is counted, per training batch (``N`` =
 - rows: every **real (non-pad) token** for the blocks' weights (padding is work the model
   does not need, so length-grouped batches show up as a higher MFU), one row per sequence
   for the pooler's and head's (they read one position; GPT-2's ``score`` reads every position,
-  so there the head's few FLOPs per token are missed);
+  so there the head's few FLOPs per token are missed), every real token for a token
+  classifier's head (``head_per_token``);
 - attention, per block: ``4·H·len²`` per sequence forward (scores ``QKᵀ`` and ``softmax·V``,
   ``H`` = the hidden size, ``len`` = the sequence's real length) and ``8·H·len²`` backward
   where gradients flow into the block.
@@ -71,7 +72,7 @@ def _group(path: str) -> str:
     return path
 
 
-def step_flops(model, layer_map=None) -> StepFlops:
+def step_flops(model, layer_map=None, head_per_token: bool = False) -> StepFlops:
     """The per-token, per-sequence and attention FLOP coefficients of one training step now.
 
     Depends on which parameters require grad, so it is recomputed when that changes
@@ -102,7 +103,7 @@ def step_flops(model, layer_map=None) -> StepFlops:
                 below = group_seen.setdefault(_group(path), seen)
                 n = p.numel()
                 flops = 2 * n + (2 * n if p.requires_grad else 0) + (2 * n if below else 0)
-                if kind in (POOLER, HEAD):
+                if kind == POOLER or (kind == HEAD and not head_per_token):
                     per_sequence += flops
                 else:
                     per_token += flops
@@ -130,7 +131,7 @@ class FlopCounter:
         self._coef: StepFlops | None = None
         self._params: list = []
 
-    def add(self, model, batch: Any) -> int:
+    def add(self, model, batch: Any, head_per_token: bool = False) -> int:
         """Count one training batch of ``model``; return its FLOPs (0 without model or tokens)."""
         if model is None or not hasattr(batch, "get") or batch.get("input_ids") is None:
             return 0
@@ -138,7 +139,7 @@ class FlopCounter:
             self._params = [p for _, p in model.named_parameters()]
         key = tuple(p.requires_grad for p in self._params)
         if key != self._key:
-            self._key, self._coef = key, step_flops(model)
+            self._key, self._coef = key, step_flops(model, head_per_token=head_per_token)
         flops = self._coef.batch(*batch_shape(batch))
         self.flops += flops
         return flops

@@ -113,6 +113,7 @@ class TokenClassifier(TextClassifier):
 
     main_metric = "f1"
     auto_model = "AutoModelForTokenClassification"
+    head_rows = "token"
 
     def _build_metrics(self) -> None:
         from torchmetrics import MeanMetric
