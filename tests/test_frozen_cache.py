@@ -223,7 +223,8 @@ def test_the_disk_cache_is_reused_and_keyed_by_depth_and_max_length(compose, tmp
     run(compose, tmp_path / "c", "strategy=head_only", "model.max_length=24")
     assert len(entries() - seen) == 2
     seen = entries()
-    partial = run(compose, tmp_path / "d", "strategy=partial", "strategy.trainable_layers=1")
+    partial = run(compose, tmp_path / "d", "strategy=partial", "strategy.trainable_layers=1",
+                  "strategy.cache_frozen=true")
     assert partial["frozen_cache_blocks"] == 1 and len(entries() - seen) == 2
 
     off = run(compose, tmp_path / "e", "strategy=head_only", "strategy.cache_frozen=false")
@@ -234,7 +235,7 @@ def test_the_disk_cache_is_reused_and_keyed_by_depth_and_max_length(compose, tmp
 @pytest.mark.parametrize("name", ["head_only", "partial"])
 def test_debug_fast_runs_with_the_cache_and_exports_the_plain_model(compose, tmp_path, toy_run, toy_data, name):
     """``python train.py strategy=<name> debug=fast`` (composed as the CLI does, on the toy
-    model): the cache is on, and the exported folder, loaded by transformers alone, predicts
+    model; partial with ``strategy.cache_frozen=true``, its default is off): the cache is on, and the exported folder, loaded by transformers alone, predicts
     what the run's test pass (on cached inputs) predicted, row by row."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -245,7 +246,8 @@ def test_debug_fast_runs_with_the_cache_and_exports_the_plain_model(compose, tmp
     cfg = compose(f"strategy={name}", "debug=fast", f"model.name_or_path={toy_run.run / 'model'}",
                   f"data.train_file={toy_data['train']}", f"data.validation_file={toy_data['validation']}",
                   f"data.test_file={toy_data['test']}", "model.max_length=32",
-                  *(["strategy.trainable_layers=1"] if name == "partial" else []), out=out)
+                  *(["strategy.trainable_layers=1", "strategy.cache_frozen=true"] if name == "partial" else []),
+                  out=out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -24,15 +24,25 @@ from sftlab.data.read import Columns, file_digest
 log = logging.getLogger(__name__)
 
 # bump when the cached format changes, so old caches are not reused
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "3"  # 3: the tokenizer digest without truncation/padding state
 
 
 def tokenizer_digest(tok: Any) -> str:
-    """Hash of the tokenizer's vocabulary/normalizer (two tokenizers with one name may differ)."""
+    """Hash of the tokenizer's vocabulary/normalizer (two tokenizers with one name may differ).
+
+    The fast tokenizer's serialization also holds its current truncation and padding settings,
+    which every call with ``truncation=True, max_length=...`` rewrites: hashed as they were, a
+    process that had tokenized one split (a cache miss) computed other keys for the next splits
+    than a fresh process, and missed the cache. They are left out (``max_length`` and the
+    padding side are in the fingerprint themselves).
+    """
     try:
         backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
         if backend is not None:
-            return hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+            state = json.loads(backend.to_str())
+            state.pop("truncation", None)
+            state.pop("padding", None)
+            return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     except Exception:  # slow tokenizers: fall back to the vocabulary
         pass
     try:

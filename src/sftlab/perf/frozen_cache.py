@@ -197,8 +197,10 @@ class FrozenPrefixCache(pl.Callback):
     def _path(self, trainer, dm, split: str) -> Path | None:
         if self.cache_dir is None or not callable(getattr(dm, "fingerprint", None)):
             return None
-        key = cache_key(**self._model_key, data=dm.fingerprint(split), precision=str(trainer.precision),
-                        device=trainer.strategy.root_device.type)
+        parts = dict(self._model_key, data=dm.fingerprint(split), precision=str(trainer.precision),
+                     device=trainer.strategy.root_device.type)
+        key = cache_key(**parts)
+        log.debug("frozen prefix cache key %s: %s", key, parts)
         return self.cache_dir / f"{key}.pt"
 
     def _compute(self, trainer, pl_module, store: PrefixStore, batch) -> None:
