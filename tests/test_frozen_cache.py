@@ -231,6 +231,25 @@ def test_the_disk_cache_is_reused_and_keyed_by_depth_and_max_length(compose, tmp
     assert off["frozen_cache_blocks"] == 0
 
 
+def test_other_weights_at_the_same_path_get_their_own_entries(compose, tmp_path, tiny_model_dir):
+    """The key hashes the frozen weights themselves: a checkpoint retrained (here: re-drawn) at
+    the same path computes its prefix again instead of loading the old one's."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    first = run(compose, tmp_path / "a", "strategy=head_only", f"model.name_or_path={model_dir}")
+    assert first["frozen_cache_rows_computed"] == 48 + 24
+    torch.manual_seed(1)
+    BertModel(BertModel.config_class.from_pretrained(model_dir)).save_pretrained(model_dir)
+    second = run(compose, tmp_path / "b", "strategy=head_only", f"model.name_or_path={model_dir}")
+    assert second["frozen_cache_rows_computed"] == 48 + 24 and second["frozen_cache_rows_loaded"] == 0
+    assert len(list((tmp_path / "cache" / "frozen").glob("*.pt"))) == 4
+
+
 # ------------------------------------------------------------------------------ (d) end to end
 @pytest.mark.parametrize("name", ["head_only", "partial"])
 def test_debug_fast_runs_with_the_cache_and_exports_the_plain_model(compose, tmp_path, toy_run, toy_data, name):
