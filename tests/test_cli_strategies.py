@@ -114,6 +114,10 @@ def test_every_strategy_writes_metrics_with_the_expected_trainable_params(runs, 
     # every floor(0.5 * 6 / 3) = 1 step: block.1 from step 1, block.0 from 2, the embeddings from
     # 3, so by the end every part trains (a fixed quarter-epoch interval left the embeddings out)
     assert got["gradual"] == want["full"]
+    # the frozen prefix cache ran where the bottom never trains: head_only's whole 2-block body;
+    # partial trains both blocks here (trainable_layers=2), gradual unfreezes them later
+    cached = {name: metrics(run)["frozen_cache_blocks"] for name, run in runs.items()}
+    assert cached == {name: 2 if name == "head_only" else 0 for name in STRATEGIES}
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -88,6 +88,23 @@ def test_second_identical_setup_hits_the_cache(tokenizer, tiny_data, tmp_path, t
     assert third.cache_hit is False
 
 
+def test_a_fresh_process_hits_what_a_tokenizing_one_wrote(tiny_model_dir, tiny_data, tmp_path):
+    """Tokenizing sets the fast tokenizer's truncation state; the keys must not depend on it, or
+    a process that tokenized train (a miss) keys validation differently than a fresh process."""
+    from transformers import AutoTokenizer
+
+    kw = dict(train_file=str(tiny_data["train"]), validation_file=str(tiny_data["validation"]),
+              test_file=str(tiny_data["test"]))
+    first = make_dm(AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path, max_length=24, **kw)
+    first.setup()
+    assert first.cache_hit is False
+    fresh = make_dm(AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path, max_length=24, **kw)
+    assert [fresh.fingerprint(s) for s in ("train", "validation", "test")] == [
+        first.fingerprint(s) for s in ("train", "validation", "test")]
+    fresh.setup()
+    assert fresh.cache_hit is True
+
+
 @pytest.mark.parametrize("labels", ["ints", "names"])
 def test_jsonl_and_parquet_read_the_same_rows_as_csv(tokenizer, tmp_path, labels):
     import pandas as pd

@@ -24,7 +24,7 @@ from sftlab.data.read import Columns, file_digest
 log = logging.getLogger(__name__)
 
 # bump when the cached format changes, so old caches are not reused
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "3"  # 3: the tokenizer digest without truncation/padding state
 
 
 def tokenizer_digest(tok: Any) -> str:

@@ -8,6 +8,9 @@
 - :mod:`sftlab.perf.precision`: ``trainer.precision=auto`` from a matmul calibration cached per
   machine (``perf.precision`` holds its options; the pipelines call ``resolve_precision``);
 - :mod:`sftlab.perf.flops`: the model FLOPs of a training batch, for ``train_mfu``.
+- :mod:`sftlab.perf.frozen_cache`: the frozen bottom of ``head_only``/``partial`` computed once
+  per example and cached (``perf.frozen_cache``, switched by ``strategy.cache_frozen``), with
+  its swap and store in :mod:`sftlab.perf.frozen_prefix`.
 
 Importing any of it registers nothing anywhere; :func:`use_fast_dropout` registers the
 attention backend when it switches a model. The backend function itself is
@@ -25,6 +28,7 @@ from sftlab.perf.dropout import (
     use_fast_dropout,
 )
 from sftlab.perf.flops import FlopCounter, step_flops
+from sftlab.perf.frozen_cache import FrozenPrefixCache
 from sftlab.perf.heap import ReleaseFreeMemory
 from sftlab.perf.precision import Calibration, calibrate, choose_precision, resolve_precision
 
@@ -34,6 +38,7 @@ __all__ = [
     "FastDropout",
     "FastDropoutCallback",
     "FlopCounter",
+    "FrozenPrefixCache",
     "ReleaseFreeMemory",
     "additive_mask",
     "calibrate",

@@ -53,6 +53,9 @@ class Strategy:
     """
 
     name = "strategy"
+    #: run the parts that never train (the embeddings + bottom blocks) once per example and
+    #: cache their output (``sftlab.perf.frozen_cache``); head_only and partial take it
+    cache_frozen = False
     #: what ``describe`` calls a partial selection ("biases", "adapters")
     select_label = "selected"
 

@@ -46,13 +46,16 @@ class HeadOnly(Strategy):
     features were not trained for the task. A diagnostic as much as a recipe (how linearly
     separable the task is in the pretrained representation). ``train_pooler`` trains the
     pooler too: it feeds the head, and in DistilBERT, XLNet and DeBERTa it is newly initialized.
+    ``cache_frozen`` runs the frozen body once per example (``sftlab.perf.frozen_cache``).
     """
 
     name = "head_only"
 
-    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+    def __init__(self, train_pooler: bool = True, lr_decay: float = 1.0, name: str | None = None,
+                 lr: float | None = None, cache_frozen: bool = False) -> None:
         super().__init__(lr_decay=lr_decay, name=name, lr=lr)
         self.train_pooler = bool(train_pooler)
+        self.cache_frozen = bool(cache_frozen)
 
     def stage(self, part: Part, layer_map: LayerMap) -> int | None:
         if part.kind == HEAD or (part.kind == POOLER and self.train_pooler):
@@ -68,13 +71,17 @@ class Partial(Strategy):
     found the top quarter of BERT recovers most of full fine-tuning). Freezing the bottom saves
     backward compute below the lowest trained block and its optimizer state, and protects the
     general features on small data. Embeddings stay frozen unless ``train_embeddings: true``.
+    ``cache_frozen`` runs the frozen embeddings + bottom blocks once per example
+    (``sftlab.perf.frozen_cache``; nothing to cache with ``train_embeddings: true``).
     """
 
     name = "partial"
 
     def __init__(self, trainable_layers: int = 2, train_embeddings: bool = False,
-                 lr_decay: float = 1.0, name: str | None = None, lr: float | None = None) -> None:
+                 lr_decay: float = 1.0, name: str | None = None, lr: float | None = None,
+                 cache_frozen: bool = False) -> None:
         super().__init__(lr_decay=lr_decay, name=name, lr=lr)
+        self.cache_frozen = bool(cache_frozen)
         # the range depends on the model: checked in validate, once the blocks are counted
         self.trainable_layers = checked("strategy.trainable_layers", trainable_layers, int)
         self.train_embeddings = bool(train_embeddings)
