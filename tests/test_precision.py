@@ -221,6 +221,33 @@ def test_step_flops_equal_torchs_flop_counter(tiny_bert, mode):
     assert step_flops(tiny_bert).batch(*batch_shape(batch)) == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_blocks_served_by_the_frozen_cache_count_nothing(tiny_bert, depth):
+    """head_only on the frozen-prefix cache: the count equals what torch sees actually run
+    (the cached blocks do not), so train_mfu does not credit the cache's saved work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sftlab.perf.frozen_prefix import FrozenPrefix
+
+    set_trainable(tiny_bert, "head_only")
+    tiny_bert.eval()
+    batch = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    prefix = FrozenPrefix(tiny_bert, tiny_bert.bert.encoder.layer, depth)
+    hidden = prefix.compute(batch)
+    prefix.install()
+    prefix.feed(hidden)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss = tiny_bert(**batch).logits.sum()
+            torch.autograd.grad(loss, [p for p in tiny_bert.parameters() if p.requires_grad])
+    finally:
+        prefix.remove()
+    got = step_flops(tiny_bert, cached_blocks=depth).batch(*batch_shape(batch))
+    assert got == counter.get_total_flops() < step_flops(tiny_bert).batch(*batch_shape(batch))
+    counter_ = FlopCounter()
+    assert counter_.add(tiny_bert, batch, cached_blocks=depth) == got
+
+
 def test_flop_counter_follows_unfreezing(tiny_bert):
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
     counter = FlopCounter()

@@ -75,7 +75,8 @@ class TrainThroughput(pl.Callback):
         self.samples += int(batch["labels"].shape[0]) * trainer.world_size
         self.world_size = trainer.world_size  # FLOPs are this rank's; the others do as much
         self.flop_counter.add(getattr(pl_module, "model", pl_module), batch,
-                              head_per_token=getattr(pl_module, "head_rows", "sequence") == "token")
+                              head_per_token=getattr(pl_module, "head_rows", "sequence") == "token",
+                              cached_blocks=getattr(pl_module, "frozen_cached_blocks", 0))
         if self.first_step_s is None and self._fit_t0 is not None:
             self.first_step_s = time.perf_counter() - self._fit_t0
 

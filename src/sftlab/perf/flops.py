@@ -72,8 +72,12 @@ def _group(path: str) -> str:
     return path
 
 
-def step_flops(model, layer_map=None, head_per_token: bool = False) -> StepFlops:
+def step_flops(model, layer_map=None, head_per_token: bool = False, cached_blocks: int = 0) -> StepFlops:
     """The per-token, per-sequence and attention FLOP coefficients of one training step now.
+
+    ``cached_blocks``: the bottom blocks whose outputs come from the frozen-prefix cache
+    (:mod:`sftlab.perf.frozen_cache`); they do not run, so they count nothing. Counting them
+    would credit the cache's saved work as achieved FLOP/s and inflate ``train_mfu``.
 
     Depends on which parameters require grad, so it is recomputed when that changes
     (gradual unfreezing). ``layer_map`` defaults to :func:`sftlab.layers.build_layer_map`; a
@@ -86,8 +90,9 @@ def step_flops(model, layer_map=None, head_per_token: bool = False) -> StepFlops
             layer_map = build_layer_map(model)
         except Exception:  # noqa: BLE001  (an unmappable model still gets a count)
             layer_map = None
-    parts = ([(p.kind, p.params) for p in layer_map] if layer_map is not None
-             else [(BLOCK, list(model.named_parameters()))])
+    parts = ([(p.kind, p.params) for p in layer_map
+              if not (p.kind == BLOCK and p.index is not None and p.index < cached_blocks)]
+             if layer_map is not None else [(BLOCK, list(model.named_parameters()))])
     matmuls = _matmul_weights(model)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     per_token = per_sequence = per_len_sq = 0
@@ -131,15 +136,16 @@ class FlopCounter:
         self._coef: StepFlops | None = None
         self._params: list = []
 
-    def add(self, model, batch: Any, head_per_token: bool = False) -> int:
+    def add(self, model, batch: Any, head_per_token: bool = False, cached_blocks: int = 0) -> int:
         """Count one training batch of ``model``; return its FLOPs (0 without model or tokens)."""
         if model is None or not hasattr(batch, "get") or batch.get("input_ids") is None:
             return 0
         if not self._params:
             self._params = [p for _, p in model.named_parameters()]
-        key = tuple(p.requires_grad for p in self._params)
+        key = (*(p.requires_grad for p in self._params), cached_blocks)
         if key != self._key:
-            self._key, self._coef = key, step_flops(model, head_per_token=head_per_token)
+            self._key, self._coef = key, step_flops(model, head_per_token=head_per_token,
+                                                    cached_blocks=cached_blocks)
         flops = self._coef.batch(*batch_shape(batch))
         self.flops += flops
         return flops

@@ -116,6 +116,7 @@ class FrozenPrefixCache(pl.Callback):
             self.prefix, self.stores = self._build(strategy, model), {}
         if self.prefix is not None:
             self.prefix.install()
+            pl_module.frozen_cached_blocks = self.prefix.depth  # these blocks do not run (train_mfu)
 
     def _build(self, strategy, model) -> FrozenPrefix | None:
         layer_map = strategy.layers(model)
@@ -137,6 +138,7 @@ class FrozenPrefixCache(pl.Callback):
         return FrozenPrefix(model, get_module(model, layer_map.blocks_path), depth)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.frozen_cached_blocks = 0
         if self.prefix is not None:
             self.prefix.remove()
 
@@ -237,6 +239,7 @@ class FrozenPrefixCache(pl.Callback):
         if self.prefix is not None and any(p.requires_grad for _, p in self._params):
             # something unfroze a part of the prefix: its outputs change from now on
             log.warning("frozen prefix cache: a frozen layer started training; the cache is off from here")
+            pl_module.frozen_cached_blocks = 0
             self.prefix.remove()
             self.prefix, self.stores = None, {}
         self._feed(trainer, pl_module, "train", batch)
