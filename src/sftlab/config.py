@@ -8,6 +8,7 @@ is imported. Only omegaconf and hydra at import time: this module is on the conf
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,31 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     checked("model.max_length", cfg.model.get("max_length", 1), int, positive=True)
+    check_slurm_world(cfg)
+
+
+def check_slurm_world(cfg: DictConfig) -> None:
+    """Under srun, the tasks SLURM started must be the world the trainer expects.
+
+    Lightning takes the world size from ``SLURM_NTASKS``; fewer tasks than
+    ``trainer.num_nodes × trainer.devices`` would train on a silently smaller world
+    (Lightning #20391), more would leave ranks out of the process group.
+    """
+    ntasks = os.environ.get("SLURM_NTASKS")
+    if not ntasks or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return  # not srun (Lightning's SLURMEnvironment.detect() says the same)
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if not (isinstance(devices, int) and isinstance(nodes, int)) or not ntasks.isdigit():
+        return
+    if int(ntasks) != devices * nodes:
+        from sftlab.errors import ConfigError
+
+        raise ConfigError(
+            f"SLURM started {ntasks} tasks but trainer.num_nodes × trainer.devices = {nodes} × "
+            f"{devices} = {nodes * devices}; start one task per device (hydra/launcher=slurm "
+            "derives tasks_per_node and nodes from them) or set trainer.num_nodes/trainer.devices "
+            "to match."
+        )
 
 
 def route_lightning_logs() -> None:
@@ -76,8 +102,15 @@ def route_lightning_logs() -> None:
             lg.propagate = True
 
 
+# set by launchers that start each sweep job as its own command (hydra/launcher=torchrun): the
+# job runs as a single Hydra run in its sweep subdir, and is still a sweep job
+SWEEP_JOB_ENV = "SFTLAB_SWEEP_JOB"
+
+
 def in_multirun() -> bool:
     """Whether this process runs a job of a Hydra multirun (a sweep)."""
+    if os.environ.get(SWEEP_JOB_ENV):
+        return True
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
