@@ -255,8 +255,8 @@ class _Job:
 
 
 class _SbatchSrun:
-    def __init__(self, params, port):
-        self.params, self.port = params, port
+    def __init__(self, params):
+        self.params = params
 
     def map_array(self, fn, *iterables):
         from submitit.core.utils import DelayedSubmission
@@ -267,34 +267,74 @@ class _SbatchSrun:
             job_id, fmt = str(4242 + i), self.params["submitit_folder"]
             folder = Path(fmt.replace("%j", job_id))
             folder.mkdir(parents=True, exist_ok=True)
-            DelayedSubmission(fn, *args).dump(folder / f"{job_id}_submitted.pkl")
-            procs = []
-            for rank in range(ntasks):
-                # the sbatch script submitit writes exports SUBMITIT_EXECUTOR=slurm
-                env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": str(self.params["name"]),
-                       "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(per_node),
-                       "SLURM_NNODES": str(nodes), "SLURM_JOB_NUM_NODES": str(nodes),
-                       "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
-                       "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % per_node),
-                       "SLURM_NODEID": str(rank // per_node), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(self.port)}
-                procs.append(subprocess.Popen([sys.executable, "-u", "-m", "submitit.core._submit", fmt], env=env))
-            for p in procs:
-                p.wait(timeout=900)
-            results = []
-            for rank in range(ntasks):
-                with open(folder / f"{job_id}_{rank}_result.pkl", "rb") as fh:
-                    outcome, value = pickle.load(fh)
-                assert outcome == "success", value
-                results.append(value)
+            delayed = DelayedSubmission(fn, *args)
+            delayed.set_timeout(self.params["timeout_min"], self.params["max_num_timeout"])
+            delayed.dump(folder / f"{job_id}_submitted.pkl")
+            results = None
+            for _attempt in range(3):  # a requeued job (scontrol requeue) runs again
+                requeues = _requeues()
+                results = self._run_tasks(job_id, fmt, folder, ntasks, nodes, per_node)
+                if results is not None or _requeues() == requeues:
+                    break
+            assert results is not None, "a task ended without a result, and the job was not requeued"
             jobs.append(_Job(results))
         return jobs
+
+    def _run_tasks(self, job_id, fmt, folder, ntasks, nodes, per_node):
+        import socket
+
+        with socket.socket() as sock:  # each attempt its own port, as a requeued job's would be
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = []
+        for rank in range(ntasks):
+            # the sbatch script submitit writes exports SUBMITIT_EXECUTOR=slurm; srun the rest
+            env = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": job_id,
+                   "SLURM_JOB_NAME": str(self.params["name"]),
+                   "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(per_node),
+                   "SLURM_NNODES": str(nodes), "SLURM_JOB_NUM_NODES": str(nodes),
+                   "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost",
+                   "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % per_node),
+                   "SLURM_NODEID": str(rank // per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, "-u", "-m", "submitit.core._submit", fmt], env=env))
+        for p in procs:
+            p.wait(timeout=900)
+        results = []
+        for rank in range(ntasks):
+            path = folder / f"{job_id}_{rank}_result.pkl"
+            if not path.is_file():
+                return None
+            with open(path, "rb") as fh:
+                outcome, value = pickle.load(fh)
+            assert outcome == "success", value
+            results.append(value)
+        return results
+
+
+def _requeues():
+    log = Path(os.environ["SIM_SCONTROL_LOG"])
+    return log.read_text().splitlines() if log.is_file() else []
 
 
 class SimulatedSlurmLauncher(SftlabSlurmLauncher):
     def executor(self):
-        return _SbatchSrun(self.params, int(os.environ["SIM_SLURM_PORT"]))
+        return _SbatchSrun(self.params)
 '''
+
+
+def simulated_slurm(tmp_path: Path) -> dict[str, str]:
+    """The simulated SLURM's plugin and a fake scontrol (it records requeues); the env to run under."""
+    import os
+
+    plugin = tmp_path / "plugins" / "hydra_plugins"
+    plugin.mkdir(parents=True)
+    (plugin / "sim_slurm.py").write_text(SIM_SLURM, encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SIM_SCONTROL_LOG"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    return {"SIM_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.mark.slow
@@ -307,15 +347,10 @@ def test_slurm_tasks_join_one_ddp_world_equal_to_a_single_process(tmp_path, tiny
     import pickle
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    plugin = tmp_path / "plugins" / "hydra_plugins"
-    plugin.mkdir(parents=True)
-    (plugin / "sim_slurm.py").write_text(SIM_SLURM, encoding="utf-8")
+    env = simulated_slurm(tmp_path)
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "hydra/launcher=slurm", "hydra.launcher._target_=hydra_plugins.sim_slurm.SimulatedSlurmLauncher",
-                "hydra.launcher.gpus_per_node=null", f"hydra.sweep.dir={sweep}", "trainer.devices=1",
-                "trainer.num_nodes=2", f"paths.log_dir={tmp_path / 'logs'}",
-                *tiny_args(varied_model_dir, tiny_data, tmp_path), *DDP_ARGS],
-               env={"SIM_SLURM_PORT": str(free_port())}, pythonpath=tmp_path / "plugins", timeout=900)
+    proc = cli(slurm_args(sweep, tmp_path) + tiny_args(varied_model_dir, tiny_data, tmp_path) + DDP_ARGS,
+               env=env, pythonpath=tmp_path / "plugins", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     run = sweep / "0"
@@ -335,6 +370,51 @@ def test_slurm_tasks_join_one_ddp_world_equal_to_a_single_process(tmp_path, tiny
     log = (run / "train.log").read_text()
     assert "Seed set to 42" in log and "[rank: 1]" not in log
     assert_equals_single_process(metrics, compose, tmp_path)
+
+
+def slurm_args(sweep: Path, tmp_path: Path) -> list[str]:
+    return ["-m", "hydra/launcher=slurm", "hydra.launcher._target_=hydra_plugins.sim_slurm.SimulatedSlurmLauncher",
+            "hydra.launcher.gpus_per_node=null", f"hydra.sweep.dir={sweep}", "trainer.devices=1",
+            "trainer.num_nodes=2", f"paths.log_dir={tmp_path / 'logs'}"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_slurm_job_requeued_on_submitits_signal_resumes_in_its_dir_with_its_wandb_id(
+        tmp_path, tiny_data, varied_model_dir):
+    """#18 item 1, requeue: both tasks get submitit's signal (USR2, as SLURM sends it before the
+    time limit) at step 2; CrashSafeCheckpoint saves last.ckpt at the next step, submitit
+    requeues the job (scontrol requeue), the job comes back with the same number and resumes
+    in its own dir from that checkpoint, logging to the same W&B run id."""
+    import os
+    import signal
+
+    from test_reliability import KILLER
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = simulated_slurm(tmp_path)
+    (tmp_path / "plugins" / "killer.py").write_text(KILLER)
+    sweep = tmp_path / "sweep"
+    proc = cli(slurm_args(sweep, tmp_path) + tiny_args(varied_model_dir, tiny_data, tmp_path, epochs=2) + DDP_ARGS + [
+        "logger=wandb", "+callbacks.usr2._target_=killer.SignalAt", "+callbacks.usr2.step=2",
+        f"+callbacks.usr2.marker={tmp_path}/usr2_${{oc.env:SLURM_PROCID}}", f"+callbacks.usr2.sig={int(signal.SIGUSR2)}",
+    ], env={**env, "WANDB_MODE": "offline"}, pythonpath=tmp_path / "plugins", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert (tmp_path / "usr2_0").is_file() and (tmp_path / "usr2_1").is_file()  # both tasks got it
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # by task 0, once
+    assert "Handing SIGUSR2 to submitit" in out
+
+    run = sweep / "0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 6 and metrics["world_size"] == 2
+    assert metrics["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert [p.name for p in sweep.iterdir() if p.name.isdigit()] == ["0"]  # the same dir
+    # the same W&B run: both attempts wrote under the id the first one recorded
+    wandb_id = yaml_load(run / "config.yaml")["logger"]["wandb"]["id"]
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in attempts), attempts
+    assert os.environ.get("SUBMITIT_FOLDER") is None  # nothing leaked into this process
 
 
 @pytest.mark.slow
