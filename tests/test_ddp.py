@@ -467,8 +467,8 @@ def test_ranks_started_by_torchrun_or_srun_must_share_a_named_run_dir(tmp_path, 
     or srun in an interactive shell, it goes on."""
     from conftest import compose_config
 
+    from sftlab.cluster import check_shared_run_dir
     from sftlab.errors import ConfigError
-    from sftlab.runs import check_shared_run_dir
 
     for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(var, raising=False)
@@ -497,7 +497,7 @@ def test_ranks_started_by_torchrun_or_srun_must_share_a_named_run_dir(tmp_path, 
 def test_srun_tasks_must_match_the_trainers_world(compose, monkeypatch):
     """SLURM_NTASKS other than trainer.num_nodes × trainer.devices would mis-size the DDP world
     (Lightning #20391): one sentence instead."""
-    from sftlab.config import check_slurm_world
+    from sftlab.cluster import check_slurm_world
     from sftlab.errors import ConfigError
 
     cfg = compose("trainer.devices=4", "trainer.num_nodes=2")

@@ -28,7 +28,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from sftlab.runs import RunInterrupted, submitit_signal
+from sftlab.cluster import submitit_signal
+from sftlab.runs import RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _validation_due(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 class CrashSafeCheckpoint(pl.Callback):
     """``last.ckpt`` every ``every_n_steps`` optimizer steps, and on SIGTERM/SIGINT before exiting
-    (and on submitit's requeue signal, on SLURM: ``sftlab.runs.hand_over_requeue``).
+    (and on submitit's requeue signal, on SLURM: ``sftlab.cluster.hand_over_requeue``).
 
     Why not a second ``ModelCheckpoint(every_n_train_steps=N)``: Lightning refuses any
     ``ModelCheckpoint`` when ``enable_checkpointing=false`` (benchmarks run that way), and it

@@ -62,31 +62,9 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     checked("model.max_length", cfg.model.get("max_length", 1), int, positive=True)
+    from sftlab.cluster import check_slurm_world
+
     check_slurm_world(cfg)
-
-
-def check_slurm_world(cfg: DictConfig) -> None:
-    """Under srun, the tasks SLURM started must be the world the trainer expects.
-
-    Lightning takes the world size from ``SLURM_NTASKS``; fewer tasks than
-    ``trainer.num_nodes × trainer.devices`` would train on a silently smaller world
-    (Lightning #20391), more would leave ranks out of the process group.
-    """
-    ntasks = os.environ.get("SLURM_NTASKS")
-    if not ntasks or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
-        return  # not srun (Lightning's SLURMEnvironment.detect() says the same)
-    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
-    if not (isinstance(devices, int) and isinstance(nodes, int)) or not ntasks.isdigit():
-        return
-    if int(ntasks) != devices * nodes:
-        from sftlab.errors import ConfigError
-
-        raise ConfigError(
-            f"SLURM started {ntasks} tasks but trainer.num_nodes × trainer.devices = {nodes} × "
-            f"{devices} = {nodes * devices}; start one task per device (hydra/launcher=slurm "
-            "derives tasks_per_node and nodes from them) or set trainer.num_nodes/trainer.devices "
-            "to match."
-        )
 
 
 def route_lightning_logs() -> None:

@@ -51,13 +51,8 @@ def prepare_run(cfg: DictConfig) -> DictConfig:
     (``sftlab.sweeps``); every rank takes the same decision from the same files.
     """
     global _RUN_DIR
-    from sftlab.runs import (
-        adopt_run_dir,
-        check_shared_run_dir,
-        claim_run_dir,
-        is_rank_zero,
-        resume_config,
-    )
+    from sftlab.cluster import check_shared_run_dir
+    from sftlab.runs import adopt_run_dir, claim_run_dir, is_rank_zero, resume_config
 
     check_shared_run_dir(cfg)
     fresh = Path(cfg.paths.output_dir)
@@ -133,11 +128,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from sftlab.callbacks import TrainThroughput
     from sftlab.checkpointing import AtomicCheckpointIO, RNGState
+    from sftlab.cluster import cluster_plugins
     from sftlab.loggers import finish_wandb
     from sftlab.optim import base_lr
     from sftlab.pretrained import load_tokenizer
     from sftlab.results import peak_rss_mb, run_stats, save_results
-    from sftlab.runs import cluster_plugins, keep_csv_history
+    from sftlab.runs import keep_csv_history
     from sftlab.secrets import public_config
 
     route_lightning_logs()
@@ -239,11 +235,13 @@ def main(cfg: DictConfig) -> float:
     multirun, one failing job (a NaN at a silly LR, a bad combination) must not take the
     sweep's other results with it: the failure is recorded for the sweep report, and the
     sweep goes on. A run stopped by SIGTERM/SIGINT records ``status: interrupted`` and how to
-    resume it, and exits (a sweep stops too: the signal was meant for all of it).
+    resume it, and exits (a sweep stops too: the signal was meant for all of it). A sweep job
+    that completed in an earlier run of the sweep returns its recorded value (``sftlab.sweeps``).
     """
     global _RUN_DIR
+    from sftlab.cluster import hand_over_requeue
     from sftlab.results import record_failure, record_interrupted
-    from sftlab.runs import RunInterrupted, hand_over_requeue, is_rank_zero
+    from sftlab.runs import RunInterrupted, is_rank_zero
     from sftlab.sweeps import JobDone, objective
 
     _RUN_DIR = None

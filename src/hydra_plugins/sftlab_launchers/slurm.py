@@ -6,7 +6,7 @@ SLURMEnvironment joins the tasks into one DDP world instead of starting processe
 sweeper gets task 0's return value. On top of the plugin: a re-run with the same
 ``hydra.sweep.dir`` does not submit the jobs that finished (``_resume``), and the others keep
 their job numbers (hence their dirs) in one array. Requeue on the time limit is submitit's
-(``sftlab.runs``: one mechanism, and why).
+(``sftlab.cluster``: one mechanism, and why).
 """
 
 from __future__ import annotations
