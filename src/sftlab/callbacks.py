@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from sftlab.cluster import submitit_signal
 from sftlab.runs import RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,8 @@ def _validation_due(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 
 class CrashSafeCheckpoint(pl.Callback):
-    """``last.ckpt`` every ``every_n_steps`` optimizer steps, and on SIGTERM/SIGINT before exiting.
+    """``last.ckpt`` every ``every_n_steps`` optimizer steps, and on SIGTERM/SIGINT before exiting
+    (and on submitit's requeue signal, on SLURM: ``sftlab.cluster.hand_over_requeue``).
 
     Why not a second ``ModelCheckpoint(every_n_train_steps=N)``: Lightning refuses any
     ``ModelCheckpoint`` when ``enable_checkpointing=false`` (benchmarks run that way), and it
@@ -233,7 +235,9 @@ class CrashSafeCheckpoint(pl.Callback):
     def _install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # and on SLURM under submitit its requeue signal (sftlab.runs: one requeue mechanism)
+        requeue = [s for s in (submitit_signal(),) if s is not None]
+        for signum in (signal.SIGTERM, signal.SIGINT, *requeue):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 

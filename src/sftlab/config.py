@@ -8,6 +8,7 @@ is imported. Only omegaconf and hydra at import time: this module is on the conf
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     checked("model.max_length", cfg.model.get("max_length", 1), int, positive=True)
+    from sftlab.cluster import check_slurm_world
+
+    check_slurm_world(cfg)
 
 
 def route_lightning_logs() -> None:
@@ -76,8 +80,15 @@ def route_lightning_logs() -> None:
             lg.propagate = True
 
 
+# set by launchers that start each sweep job as its own command (hydra/launcher=torchrun): the
+# job runs as a single Hydra run in its sweep subdir, and is still a sweep job
+SWEEP_JOB_ENV = "SFTLAB_SWEEP_JOB"
+
+
 def in_multirun() -> bool:
     """Whether this process runs a job of a Hydra multirun (a sweep)."""
+    if os.environ.get(SWEEP_JOB_ENV):
+        return True
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

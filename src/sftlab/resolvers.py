@@ -1,5 +1,5 @@
 """OmegaConf resolvers used by ``conf/``: ``${sftlab.embedded_model:}``, ``${sftlab.root:}``,
-``${sftlab.unique:}``.
+``${sftlab.unique:}``, ``${sftlab.rank_zero_only:x}``, ``${sftlab.basename:path}``.
 
 Why resolvers rather than code in the entry: the composed config then *says* where the model,
 the data and the run dir are, and it prints the same in ``--cfg job`` as it runs. They import
@@ -45,17 +45,32 @@ def _main_metric(task: str | None = None) -> str:
     return main_metric(task)
 
 
+def rank_zero_only(value):
+    """``value`` in the process of global rank 0, None in the others (torchrun, srun).
+
+    ``hydra.output_subdir`` uses it: every rank runs Hydra, and only rank 0 writes ``.hydra/``.
+    """
+    from sftlab.runs import is_rank_zero
+
+    return value if is_rank_zero() else None
+
+
 def _register() -> None:
     for name, fn in {
         "sftlab.embedded_model": embedded_model_path,
         "sftlab.root": project_root,
-        "sftlab.unique": lambda: _UNIQUE,
         # runs from before the calibration saved this in .hydra/config.yaml: it now means auto
         "sftlab.auto_precision": lambda *_: "auto",
         "sftlab.main_metric": _main_metric,
+        "sftlab.rank_zero_only": rank_zero_only,
+        "sftlab.basename": lambda path: Path(str(path)).name,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    # cached in the config like Hydra's ${now:}: a sweep's jobs started elsewhere (submitit
+    # pickles the sweep's config into each job) resolve the sweep dir to the same name
+    if not OmegaConf.has_resolver("sftlab.unique"):
+        OmegaConf.register_new_resolver("sftlab.unique", lambda: _UNIQUE, use_cache=True)
 
 
 _register()

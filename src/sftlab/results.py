@@ -53,6 +53,13 @@ def run_stats(trainer, module, strategy) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        # how many processes trained it, on how many nodes (DDP, torchrun, SLURM)
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        # who started the processes: LightningEnvironment, TorchElasticEnvironment (torchrun),
+        # SLURMEnvironment (srun); null for one process
+        "cluster": type(getattr(trainer.strategy, "cluster_environment", None)).__name__
+        if getattr(trainer.strategy, "cluster_environment", None) is not None else None,
         "strategy": strategy.name,
         "status": "completed",
     }

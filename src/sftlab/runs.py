@@ -122,11 +122,12 @@ def last_checkpoint(cfg: DictConfig, run: Path) -> Path:
     return max(others, key=lambda p: (p.stat().st_mtime_ns, p.name)) if others else last
 
 
-def resume_config(cfg: DictConfig) -> DictConfig:
+def resume_config(cfg: DictConfig, sweep_job: bool = False) -> DictConfig:
     """The config to continue ``cfg.resume`` with: its own, pointed at its dir and last.ckpt.
 
     Validates before anything is loaded: the dir is a run of train.py, it has a checkpoint,
-    it has not completed, and no other override asks to change what it was started with.
+    it has not completed, and no other override asks to change what it was started with
+    (except for a ``sweep_job``: a re-run sweep repeats the command line that started it).
     """
     raw = str(cfg.resume)
     run = Path(raw).expanduser().resolve()
@@ -137,7 +138,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
             f"resume={raw} has no config.yaml, so it is not a run started by train.py; give a run dir."
         )
     others = [o for o in _task_overrides() if not o.split("=", 1)[0].lstrip("+~") == "resume"]
-    if others:
+    if others and not sweep_job:
         raise ConfigError(
             f"resume= continues a run with its own config, but other overrides were given "
             f"({' '.join(others)}); drop them, or start a new run with "

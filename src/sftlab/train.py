@@ -43,14 +43,18 @@ _RUN_DIR: Path | None = None
 
 
 def prepare_run(cfg: DictConfig) -> DictConfig:
-    """Own the run dir before any work: a fresh one, or the run that ``resume=`` continues.
+    """Own the run dir before any work: a fresh one, the run ``resume=`` continues, or a sweep job's.
 
     Returns the config to run (a resumed run's own). Only rank 0 claims; DDP's other ranks
-    are started later into the dir rank 0 already owns.
+    are started later into the dir rank 0 already owns. A sweep job whose dir holds an
+    earlier attempt (the sweep is being re-run) is skipped, resumed or started again there
+    (``sftlab.sweeps``); every rank takes the same decision from the same files.
     """
     global _RUN_DIR
+    from sftlab.cluster import check_shared_run_dir
     from sftlab.runs import adopt_run_dir, claim_run_dir, is_rank_zero, resume_config
 
+    check_shared_run_dir(cfg)
     fresh = Path(cfg.paths.output_dir)
     if not is_rank_zero():
         # DDP's other ranks run this script again inside rank 0's run dir: they write nothing
@@ -59,7 +63,10 @@ def prepare_run(cfg: DictConfig) -> DictConfig:
             if isinstance(handler, logging.FileHandler):
                 logging.getLogger().removeHandler(handler)
                 handler.close()
-    elif not cfg.get("resume"):
+    if not cfg.get("resume") and in_multirun():
+        _RUN_DIR = fresh  # a sweep job's dir is its own, whatever an earlier attempt left there
+        return _continue_sweep_job(cfg, fresh)
+    if not cfg.get("resume") and is_rank_zero():
         claim_run_dir(fresh)
     _RUN_DIR = fresh
     if cfg.get("resume"):
@@ -67,6 +74,28 @@ def prepare_run(cfg: DictConfig) -> DictConfig:
         run = Path(cfg.paths.output_dir)
         adopt_run_dir(run, fresh)
         _RUN_DIR = run
+    return cfg
+
+
+def _continue_sweep_job(cfg: DictConfig, job_dir: Path) -> DictConfig:
+    """A sweep job in its own dir: skip it (``JobDone``), resume it, or start it there."""
+    from omegaconf import open_dict
+
+    from sftlab import sweeps
+    from sftlab.runs import is_rank_zero, resume_config
+
+    state = sweeps.read_state(job_dir)
+    action = sweeps.decide(state, bool(OmegaConf.select(cfg, "sweep.rerun_failed", default=False)))
+    if action == sweeps.SKIP:
+        raise sweeps.JobDone(state)
+    if action == sweeps.RESUME:
+        log.info("Resuming sweep job %s from %s", job_dir, state.checkpoint)
+        with open_dict(cfg):
+            cfg.resume = str(job_dir)
+        return resume_config(cfg, sweep_job=True)
+    if state.status == "failed" and is_rank_zero():  # asked to rerun it
+        sweeps.set_failed_attempt_aside(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
     return cfg
 
 
@@ -82,11 +111,12 @@ def _guard_secrets(cfg: DictConfig, out: Path, resuming: bool) -> set[str]:
     if is_rank_zero():
         if resuming:
             remove_partial_checkpoints(Path(cfg.ckpt_path).parent)
-        else:  # Hydra saved the command line before we ran: mask any secret given there
-            saved = sorted((out / ".hydra").glob("*.yaml"))
-            if in_multirun():  # and once more for the whole sweep
-                saved.append(out.parent / "multirun.yaml")
-            mask_files(saved, secrets)
+        # Hydra saved the command line before we ran (a resumed sweep job's too): mask any
+        # secret given there
+        saved = sorted((out / ".hydra").glob("*.yaml"))
+        if in_multirun():  # and once more for the whole sweep
+            saved.append(out.parent / "multirun.yaml")
+        mask_files(saved, secrets)
     return secrets
 
 
@@ -98,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from sftlab.callbacks import TrainThroughput
     from sftlab.checkpointing import AtomicCheckpointIO, RNGState
+    from sftlab.cluster import cluster_plugins
     from sftlab.loggers import finish_wandb
     from sftlab.optim import base_lr
     from sftlab.perf.precision import resolve_precision
@@ -146,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers or False,
         # the datamodule's batch sampler shards itself over ranks (sftlab.data.batching)
         use_distributed_sampler=False,
-        plugins=[*(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
+        plugins=[*(cfg.trainer.get("plugins") or []), *cluster_plugins(), AtomicCheckpointIO()],
     )
     hparams = public_config(OmegaConf.to_container(cfg, resolve=True), secrets)
     if trainer.is_global_zero and not resuming:  # resolved, readable without Hydra (eval.py, resume=)
@@ -213,22 +244,28 @@ def main(cfg: DictConfig) -> float:
     multirun, one failing job (a NaN at a silly LR, a bad combination) must not take the
     sweep's other results with it: the failure is recorded for the sweep report, and the
     sweep goes on. A run stopped by SIGTERM/SIGINT records ``status: interrupted`` and how to
-    resume it, and exits (a sweep stops too: the signal was meant for all of it).
+    resume it, and exits (a sweep stops too: the signal was meant for all of it). A sweep job
+    that completed in an earlier run of the sweep returns its recorded value (``sftlab.sweeps``).
     """
     global _RUN_DIR
+    from sftlab.cluster import hand_over_requeue
     from sftlab.results import record_failure, record_interrupted
     from sftlab.runs import RunInterrupted, is_rank_zero
+    from sftlab.sweeps import JobDone, objective
 
     _RUN_DIR = None
     try:
-        metrics = train(cfg)
-        return float(metrics.get(f"val/{metrics.get('main_metric', 'acc')}", float("nan")))
+        return objective(train(cfg))
+    except JobDone as done:  # a re-run sweep: this job completed before
+        log.info("%s", done)
+        return done.state.value
     except RunInterrupted as err:
         if _RUN_DIR is not None and is_rank_zero():
             record_interrupted(_RUN_DIR, err)
             if err.checkpoint:
                 log.warning("Stopped by %s at step %d; continue with: python train.py resume=%s",
                             err.signal_name, err.step, _RUN_DIR)
+        hand_over_requeue(err)  # on SLURM under submitit: requeue the job, which resumes here
         raise
     except Exception as err:
         if _RUN_DIR is not None and is_rank_zero():
