@@ -50,7 +50,7 @@ install:  ## create .venv and install sftlab (editable) with dev tools; the CPU 
 train:  ## train with the default recipe (override with ARGS="strategy=gradual ...")
 	$(PYTHON) train.py $(ARGS)
 
-test:  ## the fast test set (under ~10 minutes on 2 CPU cores)
+test:  ## the fast test set (~11 minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q
 
 test-slow:  ## only the slow acceptance tests (kill-and-resume, DDP, sweeps; CI runs them after make test)
