@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import csv  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -295,3 +296,38 @@ def compose(tmp_path, tiny_model_dir, tiny_data):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@contextmanager
+def served(model_dir: Path, startup_s: float = 90):
+    """``serve.py model_dir=...`` on a free port, as users start it; yields its base URL once
+    ``/health`` answers (startup_s at most), and stops it after."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "serve.py", f"model_dir={model_dir}", f"port={port}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_s
+        while True:
+            assert proc.poll() is None, "serve.py exited"
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve.py did not come up"
+            time.sleep(0.25)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

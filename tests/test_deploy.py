@@ -14,10 +14,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, assert_rows_agree
+from conftest import ROOT, assert_rows_agree, served
 
 
 def records_agree(labels: list[str], recs: list[dict], want) -> None:
@@ -58,34 +57,12 @@ def test_predict_cli_agrees_with_the_test_pass(toy_run, tmp_path):
 
 
 def test_serve_agrees_with_the_test_pass(toy_run):
-    import socket
-
     httpx = pytest.importorskip("httpx")  # only this test needs it
 
     run, texts = toy_run.run, toy_run.texts
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "serve.py", f"model_dir={run}", f"port={port}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "serve.py exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve.py did not come up"
-            time.sleep(0.25)
+    with served(run) as base:
         resp = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=60)
         assert resp.status_code == 200
         preds = resp.json()["predictions"]
         labels = httpx.get(f"{base}/labels", timeout=5).json()["labels"]
         records_agree(labels, preds, toy_run)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)

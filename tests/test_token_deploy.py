@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, served
 
 TAGS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 TEXTS = ["Peter Blackburn spoke to the European Commission in Brussels on Thursday.",
@@ -99,30 +97,10 @@ def test_predict_cli_agrees_with_the_pipeline(ner_export, tmp_path):
 
 def test_serve_agrees_with_the_pipeline(ner_export):
     httpx = pytest.importorskip("httpx")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "serve.py", f"model_dir={ner_export}", f"port={port}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "serve.py exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve.py did not come up"
-            time.sleep(0.25)
+    with served(ner_export) as base:
         resp = httpx.post(f"{base}/predict", json={"texts": TEXTS}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert_same(resp.json()["predictions"], pipeline_entities(ner_export / "model"))
         assert httpx.get(f"{base}/labels", timeout=5).json()["labels"] == TAGS
         bad = httpx.post(f"{base}/predict", json={"texts": TEXTS, "top_k": 2}, timeout=60)
         assert bad.status_code == 422 and "top_k" in bad.json()["detail"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)

@@ -192,9 +192,6 @@ def _training_run(metrics: Mapping[str, Any]) -> list[str]:
 
 def _how_to_use() -> list[str]:
     """The three ways in: plain transformers, sftlab's Classifier, the CLI and the service."""
-    # imported here: export.py imports this module for model_card, and owns the file names
-    from sftlab.deploy.export import CONFIG_FILE, METRICS_FILE
-
     return [
         "## How to use",
         "",
@@ -226,15 +223,21 @@ def _how_to_use() -> list[str]:
         "python serve.py model_dir=path/to/this/folder port=8000",
         "```",
         "",
-        "Files: `model.safetensors`, `config.json` (with `id2label`), the tokenizer, "
-        f"`{CONFIG_FILE}` (the resolved training config, secrets removed), `{METRICS_FILE}`.",
+        _files_line(),
         "",
     ]
 
 
+def _files_line() -> str:
+    # imported here: export.py imports this module for model_card, and owns the file names
+    from sftlab.deploy.export import CONFIG_FILE, METRICS_FILE
+
+    return ("Files: `model.safetensors`, `config.json` (with `id2label`), the tokenizer, "
+            f"`{CONFIG_FILE}` (the resolved training config, secrets removed), `{METRICS_FILE}`.")
+
+
 def _how_to_use_tagger() -> list[str]:
     """Token classification: the pipeline with entity grouping, sftlab's API, CLI and service."""
-    from sftlab.deploy.export import CONFIG_FILE, METRICS_FILE
 
     text = "Peter Blackburn spoke in Brussels for the European Commission."
     return [
@@ -267,8 +270,7 @@ def _how_to_use_tagger() -> list[str]:
         "python serve.py model_dir=path/to/this/folder port=8000",
         "```",
         "",
-        "Files: `model.safetensors`, `config.json` (with `id2label`), the tokenizer, "
-        f"`{CONFIG_FILE}` (the resolved training config, secrets removed), `{METRICS_FILE}`.",
+        _files_line(),
         "",
     ]
 
