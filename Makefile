@@ -76,7 +76,7 @@ test-min:  ## the declared lower bounds (constraints-min.txt) in MIN_VENV over t
 bench:  ## training throughput, one epoch per arm (~20 min): HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
 	$(PYTHON) benchmarks/throughput.py $(ARGS)
 
-parity:  ## accuracy parity with the HF Trainer: ag_news + trec, seeds 1,2,3, 3 epochs per run (~2 h on 2 CPUs; ARGS="--tasks trec --seeds 1,2")
+parity:  ## accuracy parity with the HF Trainer: ag_news + trec + conll2003, seeds 1,2,3, 3 epochs per run (~2.5 h on 2 CPUs; ARGS="--tasks trec --seeds 1,2")
 	$(PYTHON) benchmarks/parity.py $(ARGS)
 
 strategies:  ## the strategy table: all 8 strategies, defaults, 3 epochs each (~40+ min on 2 CPUs; ARGS="--epochs 1")

@@ -1,6 +1,6 @@
 """Accuracy parity with the HF Trainer: sftlab's defaults vs the seed's recipe, per task, over seeds.
 
-    python benchmarks/parity.py                          # ag_news and trec, seeds 1,2,3 (make parity)
+    python benchmarks/parity.py                          # ag_news, trec, conll2003; seeds 1,2,3 (make parity)
     python benchmarks/parity.py --tasks trec --seeds 1,2
     python benchmarks/parity.py --task mine="data=local data.train_file=a.csv data.validation_file=b.csv data.test_file=c.csv"
     python benchmarks/parity.py --out outputs/parity/<dir>   # re-run: finished (task, arm, seed) cells are kept
@@ -12,12 +12,16 @@ seeds:
   sftlab  ``python train.py <task overrides> seed=S export=false``: every sftlab default (length
           grouping, precision ``auto``, the best validation epoch tested, ...);
   hf      the HF Trainer with the seed recipe: lr 2e-5, batch 16, 3 epochs, weight decay 0.01,
-          10% linear warmup, fp32, random batches, the last epoch tested.
+          10% linear warmup, fp32, random batches, the last epoch tested. For token
+          classification (NER) it is HF's run_ner recipe: the first sub-word of each word
+          carries the tag, the rest are ignored (-100), and entity F1 is seqeval's.
 
 Both read the task's files through the same composed data config (the labels are mapped by
 ``sftlab.data.labels.map_labels`` for both), tokenize at the same ``model.max_length``, and
-every run is its own subprocess (no state shared between arms). The report gives per task the
-mean and 95% Student-t interval of each arm's test accuracy, the sftlab - hf difference paired
+every run is its own subprocess (no state shared between arms). Each task is scored by its main
+metric (classification: test accuracy; NER: entity micro-F1, computed for both arms by the same
+``tag_metrics``). The report gives per task the
+mean and 95% Student-t interval of each arm's test score, the sftlab - hf difference paired
 by seed with its interval, and a verdict (``sftlab.stats``: ``better``, ``worse``, ``within
 noise``), plus the mean wall time per run. Results: ``<out>/<task>/<arm>/seed<S>.json``,
 ``<out>/parity.csv`` and ``<out>/parity.md``.
@@ -43,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 #: the shipped tasks: name -> the train.py overrides that select them
-TASKS = {"ag_news": "data=ag_news", "trec": "data=trec"}
+TASKS = {"ag_news": "data=ag_news", "trec": "data=trec", "conll2003": "data=conll2003"}
 ARMS = ("sftlab", "hf")
 #: the seed's recipe for the HF arm
 HF_RECIPE = {"learning_rate": 2e-5, "per_device_train_batch_size": 16, "num_train_epochs": 3,
@@ -75,37 +79,52 @@ def run_sftlab(task_overrides: list[str], seed: int, run_dir: Path, extra: list[
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"sftlab run failed (rc {proc.returncode}): {' | '.join(tail)}")
     m = json.loads(metrics_file.read_text())
-    return {"test_acc": m["test/acc"], "val_acc": m.get("val/acc"), "wall_s": wall,
-            "train_time_s": m.get("train_time_s"), "precision": m.get("precision")}
+    main = m.get("main_metric", "acc")
+    out = {"metric": main, "test_score": m[f"test/{main}"], "val_score": m.get(f"val/{main}"), "wall_s": wall,
+           "train_time_s": m.get("train_time_s"), "precision": m.get("precision")}
+    if "test/acc" in m and main == "acc":
+        out["test_acc"] = m["test/acc"]  # the name the first cells were written with
+    return out
+
+
+def score(run: dict) -> float:
+    """A cell's test score (cells written before NER carry only ``test_acc``)."""
+    return float(run["test_score"] if "test_score" in run else run["test_acc"])
 
 
 def run_hf(task_overrides: list[str], seed: int, extra: list[str]) -> dict:
     """The HF Trainer with the seed recipe on the task's files (called in a child process)."""
-    import numpy as np
-    import torch
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
-
-    from sftlab.data.labels import map_labels
-    from sftlab.data.read import read_table
 
     cfg = compose_train(task_overrides + extra)
     d = cfg.data
     if d.get("max_train_samples") or d.get("max_eval_samples"):
         raise SystemExit("parity compares whole files: drop data.max_train_samples / max_eval_samples "
                          "(the HF arm does not subsample) and give smaller files instead.")
-    raw = {s: read_table(d[f"{s}_file"], s) for s in ("train", "validation", "test") if d.get(f"{s}_file")}
-    names, frames = map_labels(raw, d.label_field, d.label_names)
     hf_logging.set_verbosity_error()
     set_seed(seed)
+    if d.get("task", "classification") == "token_classification":
+        return _hf_tokens(cfg, seed)
+    return _hf_sequences(cfg, seed)
+
+
+def _hf_sequences(cfg, seed: int) -> dict:
+    """Sequence classification: AutoModelForSequenceClassification, test accuracy."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+    )
+
+    from sftlab.data.labels import map_labels
+    from sftlab.data.read import read_table
+
+    d = cfg.data
+    raw = {s: read_table(d[f"{s}_file"], s) for s in ("train", "validation", "test") if d.get(f"{s}_file")}
+    names, frames = map_labels(raw, d.label_field, d.label_names)
     tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
@@ -118,8 +137,70 @@ def run_hf(task_overrides: list[str], seed: int, extra: list[str]) -> dict:
         return ds.map(lambda b: tok(b["text"], truncation=True, max_length=int(cfg.model.max_length)),
                       batched=True, remove_columns=["text"])
 
-    train, test = encode("train"), encode("test")
+    pred, run = _hf_train(cfg, seed, model, encode("train"), encode("test"), DataCollatorWithPadding(tok))
+    acc = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(pred.label_ids)).mean())
+    return {"metric": "acc", "test_score": acc, "test_acc": acc, **run}
+
+
+def _hf_tokens(cfg, seed: int) -> dict:
+    """Token classification as HF's run_ner does it: the first sub-word of a word carries its
+    tag, the others -100; scored with the same seqeval function as sftlab (``tag_metrics``)."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+        DataCollatorForTokenClassification,
+    )
+
+    from sftlab.data.tags import WHERE, map_tags, read_tagged, to_iob2
+    from sftlab.tasks.token_classification import tag_metrics
+
+    d = cfg.data
+    tokens_f, tags_f = d.get("tokens_field", "tokens"), d.get("tags_field", "ner_tags")
+    raw = {}
+    for s in ("train", "test"):
+        df = read_tagged(d[f"{s}_file"], s, tokens_f, tags_f, int(d.get("tag_column", -1)))
+        raw[s] = df.assign(**{tags_f: to_iob2(df[tags_f].tolist(), df[WHERE].tolist(),
+                                              d.get("tag_scheme", "auto"), s)})
+    names, frames = map_tags(raw, tags_f, d.get("label_names"))
+    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    model = AutoModelForTokenClassification.from_pretrained(
+        cfg.model.name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})
+
+    def align(batch):
+        enc = tok(batch["tokens"], is_split_into_words=True, truncation=True, max_length=int(cfg.model.max_length))
+        labels = []
+        for i, tags in enumerate(batch["tags"]):
+            prev, lab = None, []
+            for w in enc.word_ids(i):
+                lab.append(-100 if w is None or w == prev else tags[w])
+                prev = w
+            labels.append(lab)
+        enc["labels"] = labels
+        return enc
+
+    def encode(split: str) -> Dataset:
+        df = frames[split]
+        ds = Dataset.from_dict({"tokens": [list(map(str, t)) for t in df[tokens_f]], "tags": list(df[tags_f])})
+        return ds.map(align, batched=True, remove_columns=["tokens", "tags"])
+
+    pred, run = _hf_train(cfg, seed, model, encode("train"), encode("test"), DataCollatorForTokenClassification(tok))
+    best = np.asarray(pred.predictions).argmax(-1)
+    gold = np.asarray(pred.label_ids)
+    true = [[names[g] for g in row if g != -100] for row in gold]
+    guess = [[names[p] for p, g in zip(prow, grow, strict=True) if g != -100] for prow, grow in zip(best, gold, strict=True)]
+    f1 = tag_metrics(true, guess)["f1"]
+    return {"metric": "f1", "test_score": f1, **run}
+
+
+def _hf_train(cfg, seed: int, model, train, test, collator):
+    """Train with the seed recipe, predict the test split: ``(predictions, timing fields)``."""
     import tempfile
+
+    import torch
+    from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, seed=seed, eval_strategy="no", save_strategy="no",
@@ -127,34 +208,35 @@ def run_hf(task_overrides: list[str], seed: int, extra: list[str]) -> dict:
                                  dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
                                  num_train_epochs=float(cfg.trainer.max_epochs),
                                  **{k: v for k, v in HF_RECIPE.items() if k != "num_train_epochs"})
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
         t0 = time.perf_counter()
         out = trainer.train()
         wall = time.perf_counter() - t0
         pred = trainer.predict(test)
-    acc = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(pred.label_ids)).mean())
-    return {"test_acc": acc, "wall_s": wall, "train_time_s": out.metrics.get("train_runtime"), "precision": "32-true"}
+    return pred, {"wall_s": wall, "train_time_s": out.metrics.get("train_runtime"), "precision": "32-true"}
 
 
 # ----------------------------------------------------------------------------------- report
 def summarize(results: dict[str, dict[str, dict[int, dict]]]) -> list[dict]:
     """One row per task: each arm's mean and CI over seeds, sftlab - hf paired by seed, a verdict.
 
-    ``results[task][arm][seed]`` is a run's dict (``test_acc``, ``wall_s``). Pure: no I/O.
+    ``results[task][arm][seed]`` is a run's dict (``test_score`` or ``test_acc``, ``metric``,
+    ``wall_s``). Pure: no I/O.
     """
     from sftlab.stats import mean_ci, paired_diff, verdict
 
     rows = []
     for task, arms in results.items():
-        row: dict = {"task": task}
+        metrics = {r.get("metric", "acc") for runs in arms.values() for r in runs.values()}
+        row: dict = {"task": task, "metric": "/".join(sorted(metrics)) or "acc"}
         for arm in ARMS:
             runs = arms.get(arm, {})
-            mean, std, lo, hi = mean_ci([r["test_acc"] for r in runs.values()])
+            mean, std, lo, hi = mean_ci([score(r) for r in runs.values()])
             walls = [r["wall_s"] for r in runs.values() if r.get("wall_s") is not None]
             row.update({f"{arm}_n": len(runs), f"{arm}_mean": mean, f"{arm}_std": std, f"{arm}_ci_low": lo,
                         f"{arm}_ci_high": hi, f"{arm}_wall_s": sum(walls) / len(walls) if walls else float("nan")})
-        a = {s: r["test_acc"] for s, r in arms.get("sftlab", {}).items()}
-        b = {s: r["test_acc"] for s, r in arms.get("hf", {}).items()}
+        a = {s: score(r) for s, r in arms.get("sftlab", {}).items()}
+        b = {s: score(r) for s, r in arms.get("hf", {}).items()}
         diff, lo, hi, n = paired_diff(a, b)
         row.update({"diff_mean": diff, "diff_ci_low": lo, "diff_ci_high": hi, "pairs": n,
                     "verdict": verdict(lo, hi) if n >= 2 else "too few seeds"})
@@ -169,12 +251,12 @@ def markdown(rows: list[dict], machine: str, command: str) -> str:
         return f"{r[f'{arm}_mean']:.4f}{ci} (n={r[f'{arm}_n']})"
 
     lines = [f"Machine: {machine}", f"Command: `{command}`", "",
-             "| task | sftlab test acc [95% CI] | HF Trainer test acc [95% CI] | sftlab - HF (paired) [95% CI] "
-             "| verdict | s/run sftlab | s/run HF |", "|---|---|---|---|---|---:|---:|"]
+             "| task | test metric | sftlab [95% CI] | HF Trainer [95% CI] | sftlab - HF (paired) [95% CI] "
+             "| verdict | s/run sftlab | s/run HF |", "|---|---|---|---|---|---|---:|---:|"]
     for r in rows:
         d = r["diff_mean"]
         diff = f"{d:+.4f} [{r['diff_ci_low']:+.4f}, {r['diff_ci_high']:+.4f}]" if d == d else "-"
-        lines.append(f"| {r['task']} | {pm(r, 'sftlab')} | {pm(r, 'hf')} | {diff} | {r['verdict']} "
+        lines.append(f"| {r['task']} | {r['metric']} | {pm(r, 'sftlab')} | {pm(r, 'hf')} | {diff} | {r['verdict']} "
                      f"| {r['sftlab_wall_s']:.0f} | {r['hf_wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -237,7 +319,8 @@ def main() -> None:
                         Path(str(cell) + ".tmp").unlink()
                     cell.write_text(json.dumps(r))
                 results[task][arm][seed] = json.loads(cell.read_text())
-                print(f"{task:10s} {arm:7s} seed {seed}: test acc {results[task][arm][seed]['test_acc']:.4f}",
+                run = results[task][arm][seed]
+                print(f"{task:10s} {arm:7s} seed {seed}: test {run.get('metric', 'acc')} {score(run):.4f}",
                       flush=True)
     rows = summarize(results)
     import csv

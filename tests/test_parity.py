@@ -64,3 +64,36 @@ def test_parity_runs_both_arms_and_keeps_finished_cells(tmp_path, tiny_model_dir
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "p" / "toy" / "hf" / "seed1.json").stat().st_mtime_ns == before
+
+
+def test_cells_before_ner_and_ner_cells_are_both_scored():
+    # cells written before NER carry only test_acc; NER cells carry test_score and metric f1
+    results = {"ner": {"sftlab": {1: {"metric": "f1", "test_score": 0.8, "wall_s": 1.0},
+                                  2: {"metric": "f1", "test_score": 0.9, "wall_s": 1.0}},
+                       "hf": {1: {"metric": "f1", "test_score": 0.7, "wall_s": 1.0},
+                              2: {"metric": "f1", "test_score": 0.7, "wall_s": 1.0}}},
+               "old": {"sftlab": {1: {"test_acc": 0.5, "wall_s": 1.0}}, "hf": {1: {"test_acc": 0.4, "wall_s": 1.0}}}}
+    ner, old = parity().summarize(results)
+    assert ner["metric"] == "f1" and ner["sftlab_mean"] == pytest.approx(0.85)
+    assert ner["diff_mean"] == pytest.approx(0.15)
+    assert old["metric"] == "acc" and old["diff_mean"] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_parity_scores_ner_by_entity_f1_in_both_arms(tmp_path, tiny_model_dir):
+    """A CoNLL task (a slice of the shipped sample): both arms write seqeval F1 cells."""
+    src = ROOT / "data" / "conll2003"
+    for split, n in (("train", 48), ("validation", 16), ("test", 16)):
+        lines = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    task = (f"ner=data=conll2003 data.train_file={tmp_path}/train.jsonl data.validation_file={tmp_path}/validation.jsonl "
+            f"data.test_file={tmp_path}/test.jsonl trainer.max_epochs=1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "parity.py"), "--tasks", "", "--task", task, "--seeds", "1",
+           "--out", str(tmp_path / "p"),
+           "--overrides", f"model.name_or_path={tiny_model_dir} model.max_length=32 data.batch_size=8"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for arm in ("sftlab", "hf"):
+        cell = json.loads((tmp_path / "p" / "ner" / arm / "seed1.json").read_text())
+        assert cell["metric"] == "f1" and 0.0 <= cell["test_score"] <= 1.0, cell
+    assert "| ner | f1 |" in (tmp_path / "p" / "parity.md").read_text()
