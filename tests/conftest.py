@@ -153,6 +153,13 @@ def compose_config(overrides: list[str], config: str = "train"):
     return cfg
 
 
+def tiny_overrides(run: Path, cache: Path, model_dir: Path) -> list[str]:
+    """An isolated run of a tiny model (``model_dir``) on CPU, into ``run``; for NER runs."""
+    return [f"paths.output_dir={run}", f"hydra.run.dir={run}", f"paths.cache_dir={cache}",
+            f"model.name_or_path={model_dir}", "trainer.accelerator=cpu", "+trainer.num_sanity_val_steps=0",
+            "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "optimizer.lr=5e-3"]
+
+
 @dataclass
 class ToyRun:
     """A finished run and what its test pass wrote, in the test file's row order."""

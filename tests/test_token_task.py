@@ -12,17 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, tiny_overrides
 
 STRATEGIES = ["full", "partial", "gradual", "discriminative", "discriminative_ulmfit", "head_only",
               "bitfit", "lora"]
 TYPES = ("LOC", "MISC", "ORG", "PER")
-
-
-def tiny_overrides(run: Path, cache: Path, model_dir: Path) -> list[str]:
-    return [f"paths.output_dir={run}", f"hydra.run.dir={run}", f"paths.cache_dir={cache}",
-            f"model.name_or_path={model_dir}", "trainer.accelerator=cpu", "+trainer.num_sanity_val_steps=0",
-            "+trainer.enable_progress_bar=false", "~callbacks.progress_bar", "optimizer.lr=5e-3"]
 
 
 def test_the_task_picks_the_checkpoint_metric():
@@ -157,3 +151,64 @@ def test_local_conll_file_trains_and_eval_scores_a_new_file(tmp_path, tiny_model
                            "data.test_file=new.jsonl"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "'B-PLANET' that the model does not know" in proc.stderr, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- bad input, CLI
+GOOD = ('{"tokens": ["EU", "rejects", "German", "call"], "ner_tags": ["B-ORG", "O", "B-MISC", "O"]}\n'
+        '{"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]}\n')
+
+
+def _ner_case(name, files, overrides, pattern, slow=True):
+    return pytest.param(files, overrides, pattern, id=name, marks=pytest.mark.slow if slow else ())
+
+
+# Each: the files written (name -> text; train.* is also the validation file), the overrides,
+# the one sentence expected. Each process stops while reading the data, ~10 s of imports
+# (the scheme option before torch loads, ~1 s); one file case and the option case run in the
+# default set, the others are marked slow.
+BAD_NER = [
+    _ner_case("no_tag_column", {"train.conll": "EU B-ORG\nrejects O\n\nGerman\ncall O\n"}, [],
+              r"^error: train\.conll line 4 \('German'\) has 1 column\(s\) but the tag is read from "
+              r"column -1 \(data\.tag_column\)"),
+    _ner_case("no_tags_field", {"train.jsonl": '{"tokens": ["EU", "rejects"], "labels": ["B-ORG", "O"]}\n'}, [],
+              r"^error: train\.jsonl line 1 has no field 'ner_tags' \(fields: tokens, labels\); set "
+              r"data\.tags_field to the field that holds the tags\.$"),
+    _ner_case("count_mismatch", {"train.jsonl": GOOD + '{"tokens": ["a", "b", "c"], "ner_tags": ["O"]}\n'}, [],
+              r"^error: train\.jsonl line 3 has 3 tokens but 1 tags; each token needs exactly one tag\.$",
+              slow=False),
+    _ner_case("unknown_scheme_option", {"train.jsonl": GOOD}, ["data.tag_scheme=bilou"],
+              r"^error: data\.tag_scheme='bilou' is not one of auto, iob2, iob1, bioes\.$", slow=False),
+    _ner_case("tags_in_no_scheme", {"train.jsonl": '{"tokens": ["EU", "rejects"], "ner_tags": ["ORG", "O"]}\n'},
+              [], r"^error: train\.jsonl line 1 has tag 'ORG', which is in no tag scheme sftlab knows; use IOB2"),
+    _ner_case("test_tag_unseen_in_train",
+              {"train.jsonl": GOOD, "test.jsonl": '{"tokens": ["Mars"], "ner_tags": ["B-PLANET"]}\n'}, [],
+              r"^error: test\.jsonl line 1 \(test\) has tag 'B-PLANET' never seen in train \(known: O, "
+              r"B-MISC, B-ORG, B-PER, I-PER\); fix the data or list every tag in data\.label_names\.$"),
+    _ner_case("empty_file", {"train.jsonl": ""}, [],
+              r"^error: The train file '.*train\.jsonl' is empty \(no sentences\); give a file with at "
+              r"least one tagged sentence\.$"),
+]
+
+
+@pytest.mark.parametrize("files, overrides, pattern", BAD_NER)
+def test_bad_ner_input_is_one_sentence_through_the_cli(files, overrides, pattern, tmp_path, tiny_model_dir):
+    """``python train.py data=local data.task=token_classification ...`` with a bad file or
+    option: exit code 2, one ``error:`` sentence on stderr, no traceback, nothing trained."""
+    import re
+
+    args = ["data=local", "data.task=token_classification", f"model.name_or_path={tiny_model_dir}",
+            "trainer.accelerator=cpu", *overrides]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        split = name.split(".")[0]
+        args += [f"data.{split}_file={name}"] + (["data.validation_file=" + name] if split == "train" else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SFTLAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -62,6 +62,12 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         checked(f"data.{key}", cfg.data.get(key), int, positive=True)
     checked("model.max_length", cfg.model.get("max_length", 1), int, positive=True)
+    from sftlab.tasks import task_of
+
+    if task_of(cfg).name == "token_classification":  # a misspelt scheme, before torch loads
+        from sftlab.data.tags import check_scheme
+
+        check_scheme(cfg.data.get("tag_scheme", "auto"))
     from sftlab.cluster import check_slurm_world
 
     check_slurm_world(cfg)

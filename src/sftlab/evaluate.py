@@ -54,7 +54,7 @@ def load_module(cfg: DictConfig):
         task = task_of_model(transformers.AutoConfig.from_pretrained(model_dir))
         model = getattr(transformers, task.auto_model).from_pretrained(model_dir)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        tokenizer = load_tokenizer(str(model_dir))
+        tokenizer = load_tokenizer(str(model_dir), split_into_words=task.split_into_words)
         module = get_class(task.module)(str(model_dir), labels, model=model)
         return module, tokenizer, trained, task
     ckpt = Path(cfg.ckpt_path)
@@ -67,9 +67,9 @@ def load_module(cfg: DictConfig):
 
     mcfg = upgrade_config(trained).model
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    tokenizer = load_tokenizer(**mcfg)
-    labels = _labels_from_state(state)
     task = task_of(trained)
+    tokenizer = load_tokenizer(**mcfg, split_into_words=task.split_into_words)
+    labels = _labels_from_state(state)
     module = build_module(mcfg, task, label_names=labels, strategy=instantiate(trained.strategy),
                           pad_token_id=tokenizer.pad_token_id, _convert_="all")
     module.load_state_dict(state["state_dict"])

@@ -9,9 +9,12 @@ the functions, so importing this module stays light.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sftlab.errors import ConfigError, checked
+
+log = logging.getLogger(__name__)
 
 # Config attribute names that hold dropout probabilities, per kind, across architectures
 # (BERT/RoBERTa/DeBERTa/ELECTRA, DistilBERT, GPT-2, XLNet ...).
@@ -26,17 +29,30 @@ def load_tokenizer(
     padding_side: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    split_into_words: bool = False,
     **_: Any,
 ):
-    """The checkpoint's tokenizer, with a pad token for decoder models (GPT-2 has none)."""
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer, with a pad token for decoder models (GPT-2 has none).
 
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise ConfigError(_load_error(name_or_path, err)) from None
+    ``split_into_words`` (the task's inputs are words, NER): a byte-level BPE tokenizer
+    (RoBERTa, GPT-2, BART ...) reads a word's leading space as part of its first piece, so
+    words tokenized alone would get pieces the model never sees mid-sentence, nor the pipeline
+    in raw text (transformers 4.x refuses ``is_split_into_words`` for them; 5.x goes on
+    silently). Such a tokenizer is loaded with
+    ``add_prefix_space=True``, the setting its class documents for this; ``save_pretrained``
+    writes it into the export, so the pipeline tokenizes raw text the way training did.
+    """
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tok = _from_pretrained(name_or_path, kwargs)
+    if split_into_words and needs_prefix_space(tok):
+        spaced = _from_pretrained(name_or_path, {**kwargs, "add_prefix_space": True})
+        if needs_prefix_space(spaced):  # a class that ignores the setting: say so, go on
+            log.warning(
+                "The tokenizer of %r is byte-level BPE but its class (%s) ignores "
+                "add_prefix_space: each word is tokenized without its leading space, as at the "
+                "start of a text, which may cost accuracy.", name_or_path, type(tok).__name__)
+        else:
+            tok = spaced
     if tok.pad_token is None:
         if pad_token_from_eos or tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -48,6 +64,34 @@ def load_tokenizer(
     if padding_side:
         tok.padding_side = padding_side
     return tok
+
+
+def _from_pretrained(name_or_path: str, kwargs: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(_load_error(name_or_path, err)) from None
+
+
+def needs_prefix_space(tokenizer: Any) -> bool:
+    """Whether a fast tokenizer's pre-tokenizer is byte-level BPE without a prefix space.
+
+    Read from the backend itself (a ``ByteLevel`` step with ``add_prefix_space: false``, alone
+    or in a ``Sequence``), not from the class: in transformers 5 every tokenizer has an
+    ``add_prefix_space`` attribute, and WordPiece/SentencePiece ones mark word starts without it.
+    """
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        state = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return False
+    steps = state.get("pretokenizers", [state]) if isinstance(state, dict) else []
+    return any(isinstance(s, dict) and s.get("type") == "ByteLevel" and not s.get("add_prefix_space")
+               for s in steps)
 
 
 def _load_error(name_or_path: str, err: Exception) -> str:

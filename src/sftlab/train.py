@@ -147,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # 1. prepare data (labels come from the data: the head's size and id2label; the data
     # config names the task, sequence classification unless data.task says otherwise)
     task = task_of(cfg)
-    tokenizer = load_tokenizer(**cfg.model)
+    tokenizer = load_tokenizer(**cfg.model, split_into_words=task.split_into_words)
     datamodule = build_datamodule(cfg.data, task, tokenizer=tokenizer)
     label_names = datamodule.label_names
 

@@ -178,6 +178,13 @@ def _parse(tag: str, where: str) -> tuple[str, str | None]:
     return m.group(1), m.group(2)
 
 
+def check_scheme(scheme: str) -> str:
+    """``scheme`` if it is one of :data:`SCHEMES`, else one sentence naming ``data.tag_scheme``."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"data.tag_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+    return scheme
+
+
 def detect_scheme(sentences: Sequence[Sequence[str]], wheres: Sequence[str]) -> tuple[str, list[str]]:
     """``(scheme, where the I- tags that start an entity are)``.
 
@@ -209,8 +216,7 @@ def to_iob2(sentences: Sequence[Sequence[str]], wheres: Sequence[str], scheme: s
     """The tags in IOB2. ``scheme``: ``auto`` (detected), or what the file is declared to be;
     ``iob2`` refuses IOB1 and BIOES, ``iob1`` and ``bioes`` are converted. An IOB2 file's
     stray I- tags that start an entity become B- (what seqeval reads them as), with a warning."""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"data.tag_scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+    check_scheme(scheme)
     found, i_starts = detect_scheme(sentences, wheres)
     if scheme == "iob2" and found != "iob2":
         raise DataError(f"The {split} tags are {found.upper()}, not IOB2 as data.tag_scheme says "

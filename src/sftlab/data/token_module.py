@@ -17,9 +17,9 @@ import numpy as np
 
 from sftlab.data.module import TextClassificationDataModule
 from sftlab.data.tags import (
-    SCHEMES,
     WHERE,
     carve_sentences,
+    check_scheme,
     clean_sentences,
     map_tags,
     read_tagged,
@@ -54,9 +54,7 @@ class TokenClassificationDataModule(TextClassificationDataModule):
             raise ConfigError("data.text_pair_field has no meaning for token classification; remove it.")
         super().__init__(tokenizer, text_field=tokens_field, label_field=tags_field, **kwargs)
         self.tag_column = checked("data.tag_column", tag_column, int)
-        if tag_scheme not in SCHEMES:
-            raise ConfigError(f"data.tag_scheme={tag_scheme!r} is not one of {', '.join(SCHEMES)}.")
-        self.tag_scheme = tag_scheme
+        self.tag_scheme = check_scheme(tag_scheme)
         self.label_all_subwords = bool(label_all_subwords)
         # the task and every option that changes the tokenized result enter the cache key
         self.task = (f"token_classification:scheme={tag_scheme}:column={self.tag_column}"

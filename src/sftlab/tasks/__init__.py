@@ -32,6 +32,9 @@ class Task:
     own_keys: tuple[str, ...] = ()
     # data config keys this task does not take
     ignores: tuple[str, ...] = ()
+    # the inputs come as words already split (``is_split_into_words``): a byte-level BPE
+    # tokenizer then needs its prefix space (sftlab.pretrained.load_tokenizer)
+    split_into_words: bool = False
 
 
 DEFAULT = "sequence_classification"
@@ -46,7 +49,7 @@ TASKS = {
         "token_classification", "sftlab.tasks.token_classification.TokenClassifier",
         "sftlab.data.TokenClassificationDataModule", "AutoModelForTokenClassification",
         "token-classification", "f1", own_keys=_TOKEN_KEYS,
-        ignores=("text_field", "text_pair_field", "label_field")),
+        ignores=("text_field", "text_pair_field", "label_field"), split_into_words=True),
 }
 
 
