@@ -154,6 +154,7 @@ def _hf_tokens(cfg, seed: int) -> dict:
     )
 
     from sftlab.data.tags import WHERE, map_tags, read_tagged, to_iob2
+    from sftlab.pretrained import needs_prefix_space
     from sftlab.tasks.token_classification import tag_metrics
 
     d = cfg.data
@@ -165,6 +166,8 @@ def _hf_tokens(cfg, seed: int) -> dict:
                                               d.get("tag_scheme", "auto"), s)})
     names, frames = map_tags(raw, tags_f, d.get("label_names"))
     tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    if needs_prefix_space(tok):  # run_ner loads RoBERTa/GPT-2 tokenizers so for pre-split words
+        tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path, add_prefix_space=True)
     model = AutoModelForTokenClassification.from_pretrained(
         cfg.model.name_or_path, num_labels=len(names), id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)})
