@@ -717,3 +717,21 @@ def test_every_rank_gets_the_batches_its_length_promises(n, batch, world):
         assert len(got) == len(sampler) >= 1, (rank, got)
         counts.add(len(got))
     assert len(counts) == 1
+
+
+def test_last_ckpt_holds_the_end_of_training(compose, tmp_path):
+    """last.ckpt is the final state even when the last validation kept no top-k checkpoint
+    (Lightning 2.6 rewrites last.ckpt only with one): here top-k is taken every 2nd epoch of 3."""
+    import torch
+
+    from sftlab.train import main
+
+    run = tmp_path / "run"
+    cfg = compose("trainer.max_epochs=3", "+callbacks.model_checkpoint.every_n_epochs=2", "export=false",
+                  out=run)
+    main(cfg)
+    steps = json.loads((run / "metrics.json").read_text())["global_step"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (best,) = [p for p in (run / "checkpoints").glob("epoch*.ckpt")]
+    assert best.name.startswith("epoch01-")  # the only top-k save: not at the end
+    assert last["global_step"] == steps

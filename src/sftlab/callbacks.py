@@ -335,6 +335,14 @@ class CrashSafeCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
+        # last.ckpt = the end of training. Lightning 2.6's ModelCheckpoint rewrites it only at
+        # a step where it also kept a top-k checkpoint, so after an epoch that did not improve
+        # it held an earlier step: the last epoch's weights were lost for eval.py (best vs last
+        # epoch) and for anyone reading "last" as "final".
+        step = trainer.global_step
+        saved = [getattr(cb, "_last_global_step_saved", -1) for cb in trainer.checkpoint_callbacks]
+        if self._saved_step != step and step not in saved:
+            self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
