@@ -38,7 +38,8 @@ class Task:
 
 
 DEFAULT = "sequence_classification"
-_TOKEN_KEYS = ("tokens_field", "tags_field", "tag_column", "tag_scheme", "label_all_subwords")
+_TOKEN_KEYS = ("tokens_field", "tags_field", "tag_column", "tag_scheme", "label_all_subwords",
+               "token_loss")
 
 TASKS = {
     "sequence_classification": Task(
