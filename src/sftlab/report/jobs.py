@@ -1,7 +1,7 @@
 """Reading a sweep: one row per job, from its ``.hydra/`` files and its ``metrics.json``.
 
-A job that broke has ``status: failed`` (and the error) in its metrics.json, or none at all if
-the process died; both are rows, so a report counts them instead of silently averaging fewer
+A job that broke has ``status: failed`` (and the error) in its metrics.json; one with no
+metrics.json is ``unfinished`` (still running, or killed before it could write one); both are rows, so a report counts them instead of silently averaging fewer
 runs. A sweep still running is read as it is: unfinished jobs are rows with their status.
 """
 
@@ -76,9 +76,11 @@ def read_job(job: Path, sweep_dir: Path) -> dict[str, Any]:
         "strategy": choices.get("strategy") or metrics.get("strategy", ""),
         "lr": job_lr(job, metrics),
         "seed": seed,
-        "status": metrics.get("status", "failed" if not metrics else "completed"),
+        # no metrics.json: the job is still running, or was killed before it could write one
+        # (SIGKILL, a lost machine); a run that failed in Python writes status: failed
+        "status": metrics.get("status", "unfinished" if not metrics else "completed"),
         "overrides": " ".join(map(str, overrides)),
-        "error": metrics.get("error", "" if metrics else "no metrics.json (the job died)"),
+        "error": metrics.get("error", "" if metrics else "no metrics.json (still running, or killed before writing one)"),
         # the task's main metric (classification: acc; token classification: f1)
         "main_metric": metrics.get("main_metric", "acc"),
     }

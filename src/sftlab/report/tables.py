@@ -83,7 +83,8 @@ def write_tables(rows: list[dict[str, Any]], out: Path, sweep_dir: Path | None =
                   f"optimization_results.yaml): `{params}` → {_fmt(_num(optuna.get('best_value')))}"]
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
-        lines += ["", "## Failed jobs", ""] + [f"- job {r['job']} ({r['overrides']}): {r['error']}" for r in failed]
+        lines += ["", "## Failed or unfinished jobs", ""] + [
+            f"- job {r['job']} ({r['overrides']}): {r['status']}: {r['error']}" for r in failed]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
