@@ -1,8 +1,8 @@
 """Reading a sweep: one row per job, from its ``.hydra/`` files and its ``metrics.json``.
 
 A job that broke has ``status: failed`` (and the error) in its metrics.json; one with no
-metrics.json is ``unfinished`` (still running, or killed before it could write one); both are rows, so a report counts them instead of silently averaging fewer
-runs. A sweep still running is read as it is: unfinished jobs are rows with their status.
+metrics.json is ``unfinished`` (still running, or killed before it could write one). Both are
+rows, so a report counts them instead of silently averaging fewer runs. A sweep still running is read as it is: unfinished jobs are rows with their status.
 """
 
 from __future__ import annotations
