@@ -2,7 +2,8 @@
 
 A job that broke has ``status: failed`` (and the error) in its metrics.json; one with no
 metrics.json is ``unfinished`` (still running, or killed before it could write one). Both are
-rows, so a report counts them instead of silently averaging fewer runs. A sweep still running is read as it is: unfinished jobs are rows with their status.
+rows, so a report counts them instead of silently averaging fewer runs. A sweep still running
+is read as it is: its unfinished jobs are rows with their status.
 """
 
 from __future__ import annotations
