@@ -125,7 +125,7 @@ def test_multirun_lr_strategy_then_report(tmp_path, tiny_model_dir, tiny_data):
     for r in failed:
         assert "optimizer.lr must be a positive number" in r["error"]
     md = (out / "results.md").read_text()
-    assert "6 jobs, 4 completed." in md and md.count("| failed |") >= 1 and "## Failed jobs" in md
+    assert "6 jobs, 4 completed." in md and md.count("| failed |") >= 1 and "## Failed or unfinished jobs" in md
     for png in ("val_acc_vs_lr.png", "params_vs_acc.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
