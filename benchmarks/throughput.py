@@ -1,4 +1,4 @@
-"""Training throughput, side by side in one process run: HF Trainer vs plain loop vs sftlab.
+"""Training throughput, side by side in one run: HF Trainer vs plain loop vs sftlab.
 
     python benchmarks/throughput.py                 # one epoch per arm, 2 repeats (~20 min)
     python benchmarks/throughput.py --steps 60      # a quick look (~5 min; flatters, see below)
@@ -20,8 +20,12 @@ tokens on average, the whole epoch to 53.9), and it favours sftlab by about 3%.
                the machine offers (--precisions: 32-true and bf16-mixed; 16-mixed on CUDA too)
   (d) fastest  sftlab's fastest settings
 
-Arms are interleaved (a b b' c d, a b b' c d, ...) so machine drift hits them alike, and the
-best of the repeats is kept (noise on a shared machine only ever slows a run down). Samples/s
+Every arm runs in a fresh process (``--child``), so no arm inherits another's heap, threads
+or caches, and each gets the BLAS set-up its users get: the HF Trainer and plain loop as they
+come out of the box, the sftlab arms (and (b')) with ``perf.mkl_fast_path`` (MKL's fast path on
+AMD CPUs, ``sftlab.perf.blas``). ``--arms hf_mkl`` adds the HF Trainer with that fix too, to
+show how much of a ratio it accounts for. Arms are interleaved (a b b' c d, a b b' c d, ...)
+so machine drift hits them alike, and the best of the repeats is kept (noise on a shared machine only ever slows a run down). Samples/s
 counts training examples over the wall time of the training loop with evaluation off, which
 is what the HF Trainer's ``train_samples_per_second`` means. The last line printed is one JSON
 summary for machines.
@@ -37,10 +41,10 @@ of their precision (fp32; (b') the default's).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -238,7 +242,10 @@ def machine_line(info: dict) -> str:
         what = f"{info['name']} (native bf16: {info['native_bf16']})"
     else:
         what = f"{info['name']}, flags: {' '.join(info['flags']) or 'none of ' + '/'.join(MATMUL_FLAGS)}"
-    return f"machine: {what}; {os.cpu_count()} cores; torch {info['torch']}; {info['threads']} threads"
+    line = f"machine: {what}; {os.cpu_count()} cores; torch {info['torch']}; {info['threads']} threads"
+    if "mkl_fast_path" in info:
+        line += f"; MKL fast path in sftlab arms: {'yes' if info['mkl_fast_path'] else 'no'}"
+    return line
 
 
 def calibrate_defaults(defaults):
@@ -258,11 +265,75 @@ def flops_per_example(model, tok, args) -> float:
     return sum(coef.batch(n, 1, n * n) for n in lengths) / len(lengths)
 
 
+def compose_defaults(args):
+    """sftlab's default config at the benchmark's batch size and max_length (no torch)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp", f"data.batch_size={args.batch_size}",
+                                           f"model.max_length={args.max_length}"])
+
+
+#: arms that run with sftlab's BLAS set-up although they are not ``train()`` (which does it itself)
+FAST_BLAS = ("plain_sftlab", "hf_mkl")
+#: the precision each non-sftlab arm's matmuls run in, for its MFU
+ARM_PRECISION = {"hf": "32-true", "hf_mkl": "32-true", "plain": "32-true", "hf_3ep": "32-true"}
+
+
+def child(args) -> None:
+    """Run one arm in this (fresh) process and print its result as the last line (``RESULT {...}``)."""
+    arm = args.child
+    defaults = compose_defaults(args)
+    if arm in FAST_BLAS:
+        from sftlab.perf import blas
+
+        blas.from_config(defaults)  # before torch, as train() does
+    args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
+    args.default_release_memory = _perf_options(defaults, "release_memory")
+    if arm.startswith("sftlab@"):
+        r = run_sftlab(args, args.steps, [f"trainer.precision={arm.split('@', 1)[1]}"])
+    elif arm in ("sftlab", "fastest", "fastest_3ep"):
+        r = run_sftlab(args, None if arm == "fastest_3ep" else args.steps, [] if arm == "sftlab" else FASTEST,
+                       evaluate=arm == "fastest_3ep")
+    else:
+        # (b') trains in the default's precision: auto, as train() resolves it in this process
+        calibration, model, tok = calibrate_defaults(defaults)
+        args.default_precision = str(defaults.trainer.precision)
+        precision = ARM_PRECISION.get(arm, args.default_precision)
+        per_example = flops_per_example(model, tok, args)
+        del model, tok
+        if arm in ("hf", "hf_mkl", "hf_3ep"):
+            r = run_hf(args, None if arm == "hf_3ep" else args.steps, epochs=3 if arm == "hf_3ep" else 1.0,
+                       evaluate=arm == "hf_3ep")
+        elif arm in ("plain", "plain_sftlab"):
+            r = run_plain(args, args.steps, sftlab_batches=arm == "plain_sftlab")
+        else:
+            raise SystemExit(f"unknown arm {arm!r}")
+        if calibration is not None and calibration.peak_gflops(precision):
+            r["mfu"] = r["samples_per_s"] * per_example / 1e9 / calibration.peak_gflops(precision)
+    from sftlab.perf import blas
+
+    r.update(rss_mb=rss_mb(), mkl_fast_path=blas.active())
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def run_child(args, arm: str) -> dict:
+    """One arm in a fresh Python process; its output is shown only when it fails."""
+    cmd = [sys.executable, __file__, "--child", arm, "--batch-size", str(args.batch_size),
+           "--max-length", str(args.max_length), "--seed", str(args.seed)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"arm {arm} failed (exit {done.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from sftlab.perf.precision import candidates, device_type, machine
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per arm (default: one epoch of the train split)")
@@ -277,16 +348,19 @@ def main(argv: list[str] | None = None) -> None:
                              "precisions this machine offers; '' for none)")
     parser.add_argument("--machine", action="store_true",
                         help="print the machine and the precision calibration, then stop")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # run one arm in this process
     args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from sftlab.perf import blas
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        defaults = compose("train", overrides=["paths.output_dir=/tmp", f"data.batch_size={args.batch_size}",
-                                               f"model.max_length={args.max_length}"])
+    defaults = compose_defaults(args)
+    blas.from_config(defaults)  # this process shows the machine as sftlab's arms see it
     calibration, model, tok = calibrate_defaults(defaults)
+    del model, tok
+    from sftlab.perf.precision import candidates, device_type, machine
+
     info = calibration.machine if calibration else machine(device_type("auto"))
     print(machine_line(info), flush=True)
     if calibration:
@@ -295,42 +369,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.precisions is None:
         args.precisions = ",".join(candidates(info)[0])
-    peak = (lambda p: calibration.peak_gflops(p)) if calibration else (lambda p: None)
-    per_example = flops_per_example(model, tok, args)
-    del model, tok
     if args.steps is None:  # one epoch: ceil(train rows / batch size)
         import pandas as pd
 
         args.steps = -(-len(pd.read_csv(DATA / "train.csv")) // args.batch_size)
     args.default_precision = str(defaults.trainer.precision)
-    args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
-    args.default_release_memory = _perf_options(defaults, "release_memory")
     arms = args.arms.split(",")
     precisions = [p for p in args.precisions.split(",") if p]
     arms += [f"sftlab@{p}" for p in precisions]
-    fns = {
-        "hf": lambda: run_hf(args, args.steps),
-        "plain": lambda: run_plain(args, args.steps),
-        "plain_sftlab": lambda: run_plain(args, args.steps, sftlab_batches=True),
-        "sftlab": lambda: run_sftlab(args, args.steps, []),
-        "fastest": lambda: run_sftlab(args, args.steps, FASTEST),
-        **{f"sftlab@{p}": (lambda p=p: run_sftlab(args, args.steps, [f"trainer.precision={p}"])) for p in precisions},
-    }
-    # the precision each arm's matmuls run in, for the MFU of arms that do not report their own
-    arm_precision = {"hf": "32-true", "plain": "32-true", "plain_sftlab": args.default_precision}
     results: dict[str, list[dict]] = {a: [] for a in arms}
-    torch.set_num_threads(torch.get_num_threads())
     for rep in range(args.repeats):
         for arm in arms:
-            gc.collect()
-            r = fns[arm]()
-            r["rss_mb"] = rss_mb()
-            if r.get("mfu") is None and arm in arm_precision and peak(arm_precision[arm]):
-                r["mfu"] = r["samples_per_s"] * per_example / 1e9 / peak(arm_precision[arm])
+            r = run_child(args, arm)
             results[arm].append(r)
             mfu = f"  MFU {r['mfu']:.3f}" if r.get("mfu") is not None else ""
-            print(f"[rep {rep}] {arm:18s} {r['samples_per_s']:7.1f} samples/s  wall {r['wall_s']:6.1f} s{mfu}",
-                  flush=True)
+            print(f"[rep {rep}] {arm:18s} {r['samples_per_s']:7.1f} samples/s  wall {r['wall_s']:6.1f} s{mfu}"
+                  f"  MKL fast path: {'yes' if r.get('mkl_fast_path') else 'no'}", flush=True)
     best = {a: max(rs, key=lambda r: r["samples_per_s"]) for a, rs in results.items()}
 
     def ratio(x: str, y: str) -> float | None:
@@ -353,12 +407,14 @@ def main(argv: list[str] | None = None) -> None:
             round(best["sftlab"]["wall_s"] / best["plain_sftlab"]["wall_s"], 3)
             if "sftlab" in best and "plain_sftlab" in best else None),
         "time_to_first_step_s": {a: round(b["first_step_s"], 2) for a, b in best.items() if b.get("first_step_s")},
-        "peak_rss_mb": round(rss_mb(), 1),
+        "mkl_fast_path": {a: bool(b.get("mkl_fast_path")) for a, b in best.items()},
+        "sftlab_over_hf_mkl": ratio("sftlab", "hf_mkl"),
+        "peak_rss_mb": {a: round(b["rss_mb"], 1) for a, b in best.items()},
     }
     if args.accuracy:
         print("accuracy runs: HF Trainer 3 epochs (fp32), sftlab fastest (its defaults + FASTEST) ...", flush=True)
-        a = run_hf(args, None, epochs=3, evaluate=True)
-        d = run_sftlab(args, None, FASTEST, evaluate=True)
+        a = run_child(args, "hf_3ep")
+        d = run_child(args, "fastest_3ep")
         summary["test_acc"] = {"hf": round(a["test_acc"], 4), "fastest": round(d["test_acc"], 4)}
         summary["full_run_samples_per_s"] = {"hf": round(a["samples_per_s"], 2), "fastest": round(d["samples_per_s"], 2)}
     print()

@@ -123,6 +123,9 @@ def data_config(data: DictConfig, split: str) -> DictConfig:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from sftlab.perf import blas
+
+    blas.from_config(cfg)  # before anything imports torch: MKL's fast path on AMD CPUs
     import lightning.pytorch as pl
 
     from sftlab.config import instantiate, output_dir, route_lightning_logs

@@ -122,6 +122,9 @@ def _guard_secrets(cfg: DictConfig, out: Path, resuming: bool) -> set[str]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, select the best checkpoint on validation, test it, export it; return metrics."""
+    from sftlab.perf import blas
+
+    blas.from_config(cfg)  # before anything imports torch: MKL's fast path on AMD CPUs
     cfg = prepare_run(cfg)
     check_config(cfg)
     import lightning.pytorch as pl
@@ -197,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # callback's state (throughput, skipped steps) to what it was at that checkpoint
         stats = run_stats(trainer, module, strategy)
         stats.update(calibration.metrics() if calibration else {"precision": str(cfg.trainer.precision)})
+        stats.update(blas.status())
         # what a study groups by: the base LR trained with, the seed, the task's main metric
         stats.update(lr=base_lr(cfg.optimizer), seed=int(cfg.seed),
                      main_metric=getattr(module, "main_metric", "acc"))

@@ -8,45 +8,46 @@
 - :mod:`sftlab.perf.precision`: ``trainer.precision=auto`` from a matmul calibration cached per
   machine (``perf.precision`` holds its options; the pipelines call ``resolve_precision``);
 - :mod:`sftlab.perf.flops`: the model FLOPs of a training batch, for ``train_mfu``.
+- :mod:`sftlab.perf.blas`: oneMKL's fast matmul path on AMD and other non-Intel x86 CPUs
+  (``perf.mkl_fast_path``), set up before torch is imported;
 - :mod:`sftlab.perf.frozen_cache`: the frozen bottom of ``head_only``/``partial`` computed once
   per example and cached (``perf.frozen_cache``, switched by ``strategy.cache_frozen``), with
   its swap and store in :mod:`sftlab.perf.frozen_prefix`.
 
-Importing any of it registers nothing anywhere; :func:`use_fast_dropout` registers the
+Importing the package imports nothing heavy (names load on first use); importing any of it
+registers nothing anywhere; :func:`use_fast_dropout` registers the
 attention backend when it switches a model. The backend function itself is
 ``sftlab.perf.attention.attention`` (not re-exported here: the name is its module's).
 """
 
 from __future__ import annotations
 
-from sftlab.perf.attention import ATTENTION_NAME, additive_mask, register_attention
-from sftlab.perf.dropout import (
-    FastDropout,
-    FastDropoutCallback,
-    fast_dropout,
-    keep_mask,
-    use_fast_dropout,
-)
-from sftlab.perf.flops import FlopCounter, step_flops
-from sftlab.perf.frozen_cache import FrozenPrefixCache
-from sftlab.perf.heap import ReleaseFreeMemory
-from sftlab.perf.precision import Calibration, calibrate, choose_precision, resolve_precision
+import importlib
+from typing import Any
 
-__all__ = [
-    "ATTENTION_NAME",
-    "Calibration",
-    "FastDropout",
-    "FastDropoutCallback",
-    "FlopCounter",
-    "FrozenPrefixCache",
-    "ReleaseFreeMemory",
-    "additive_mask",
-    "calibrate",
-    "choose_precision",
-    "fast_dropout",
-    "keep_mask",
-    "register_attention",
-    "resolve_precision",
-    "step_flops",
-    "use_fast_dropout",
-]
+#: public name -> the submodule that defines it. Imported on first use (PEP 562), so that
+#: ``sftlab.perf.blas`` can act before torch is imported and composing a config stays torch-free
+_WHERE = {
+    "ATTENTION_NAME": "attention", "additive_mask": "attention", "register_attention": "attention",
+    "FastDropout": "dropout", "FastDropoutCallback": "dropout", "fast_dropout": "dropout",
+    "keep_mask": "dropout", "use_fast_dropout": "dropout",
+    "FlopCounter": "flops", "step_flops": "flops",
+    "FrozenPrefixCache": "frozen_cache",
+    "ReleaseFreeMemory": "heap",
+    "Calibration": "precision", "calibrate": "precision", "choose_precision": "precision",
+    "resolve_precision": "precision",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

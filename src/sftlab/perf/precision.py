@@ -88,7 +88,10 @@ def machine(device: str) -> dict[str, Any]:
         info["name"] = torch.cuda.get_device_name()
         info["native_bf16"] = bool(torch.cuda.is_bf16_supported(including_emulation=False))
     else:
+        from sftlab.perf.blas import active
+
         info.update(cpu_info())
+        info["mkl_fast_path"] = active()  # MKL's path on AMD CPUs changes the fp32 rate (sftlab.perf.blas)
     return info
 
 
@@ -192,6 +195,8 @@ class Calibration:
 
 def _key(info: dict[str, Any], shapes: list[tuple[int, int]], tokens: int) -> str:
     ident = {k: info.get(k) for k in ("device", "name", "flags_hash", "torch", "threads")}
+    if info.get("mkl_fast_path"):  # only when on, so the caches of machines without it stay valid
+        ident["mkl_fast_path"] = True
     ident.update(shapes=[list(s) for s in shapes], tokens=tokens)
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
