@@ -13,6 +13,7 @@ not representative for length-grouped batches (with seed 42 the first 60 batches
 tokens on average, the whole epoch to 53.9), and it favours sftlab by about 3%.
 
   (a) hf       the HF Trainer with the seed recipe's settings (random batches, fp32)
+  (a') hf_mkl  the same with sftlab's MKL fix (``perf.mkl_fast_path``; not in the default arms)
   (b) plain    a plain PyTorch loop (random batches, fp32)
   (b') plain*  the plain loop with sftlab's default batches, precision and fast dropout
   (c) sftlab   sftlab's defaults (python train.py; trainer.precision=auto)

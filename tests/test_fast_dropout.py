@@ -214,3 +214,29 @@ def test_callback_switches_the_lightning_modules_model_in_setup():
     FastDropoutCallback(attention_backend=False).setup(None, plain, "fit")
     assert not any(type(m) is torch.nn.Dropout for m in plain.modules())
     assert plain.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.slow
+def test_a_compiled_model_with_the_attention_backend_takes_batches_of_any_length():
+    """torch.compile (dynamic shapes) of a model on sftlab's attention backend, in train mode with
+    a backward: batches of other lengths must not get an earlier batch's additive mask (its
+    one-entry cache) and must give the eager model's logits."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sftlab.perf import use_fast_dropout
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0  # train mode, same numbers
+    model = BertForSequenceClassification(cfg).train()
+    use_fast_dropout(model, attention_backend=True)
+    compiled = torch.compile(model, dynamic=True)
+    for length, pad in ((9, 3), (14, 5), (9, 2), (20, 7)):
+        ids = torch.randint(1, 50, (2, length))
+        mask = torch.ones(2, length, dtype=torch.long)
+        mask[1, length - pad:] = 0
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+        got.sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
