@@ -10,7 +10,9 @@ uses only instructions the CPU has. Loaded with ``RTLD_GLOBAL`` before torch, it
 before MKL's own definition when ``libtorch_cpu.so`` binds the symbol. Measured (AMD EPYC,
 Zen 3, AVX2/FMA, 2 cores, torch 2.13.0+cpu with oneMKL 2024.2): sgemm on MiniLM's shapes
 115–145 → 150–165 GFLOP/s, and a full fp32 training step (AG News batch of 16) 624 → 536 ms,
-mean of 4 alternating process pairs (0.83–0.91× in every pair).
+mean of 4 alternating process pairs (0.83–0.91× in every pair). Only Zen 3 has been measured;
+MKL still chooses kernels by the CPU's features (AVX2, or AVX-512 on Zen 4), and
+``benchmarks/throughput.py --arms hf,hf_mkl`` measures the fix on another machine.
 
 Why build it here rather than ship a binary: the library is one line of C; compiling it on the
 machine (``cc``, once, cached under ``<paths.cache_dir>/blas/``) keeps binaries out of the repo
