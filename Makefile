@@ -73,7 +73,7 @@ test-min:  ## the declared lower bounds (constraints-min.txt) in MIN_VENV over t
 	PYTHONPATH=$(CURDIR)/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false \
 	  $(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
-bench:  ## training throughput, one epoch per arm (~20 min): HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
+bench:  ## training throughput, one epoch per arm (~20-40 min): HF Trainer vs plain loop vs sftlab (ARGS="--accuracy" adds full runs)
 	$(PYTHON) benchmarks/throughput.py $(ARGS)
 
 parity:  ## accuracy parity with the HF Trainer: ag_news + trec + conll2003, seeds 1,2,3, 3 epochs per run (~2.5 h on 2 CPUs; ARGS="--tasks trec --seeds 1,2")

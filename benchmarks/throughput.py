@@ -1,6 +1,6 @@
 """Training throughput, side by side in one run: HF Trainer vs plain loop vs sftlab.
 
-    python benchmarks/throughput.py                 # one epoch per arm, 2 repeats (~20 min)
+    python benchmarks/throughput.py                 # one epoch per arm, 2 repeats (~20-40 min)
     python benchmarks/throughput.py --steps 60      # a quick look (~5 min; flatters, see below)
     python benchmarks/throughput.py --accuracy      # + full 3-epoch runs of (a) and (d)
     python benchmarks/throughput.py --machine       # only the machine and its calibration (seconds)
@@ -18,7 +18,9 @@ tokens on average, the whole epoch to 53.9), and it favours sftlab by about 3%.
   (b') plain*  the plain loop with sftlab's default batches, precision and fast dropout
   (c) sftlab   sftlab's defaults (python train.py; trainer.precision=auto)
   (c') sftlab@<precision>  the defaults with trainer.precision forced, one arm per precision
-               the machine offers (--precisions: 32-true and bf16-mixed; 16-mixed on CUDA too)
+               the machine offers at a useful speed (--precisions: 32-true and bf16-mixed; 16-mixed on
+               CUDA too; by default one whose calibrated matmuls run under half the fastest's
+               rate is left out: bf16 without bf16 units would take an hour an epoch)
   (d) fastest  sftlab's fastest settings
 
 Every arm runs in a fresh process (``--child``), so no arm inherits another's heap, threads
@@ -368,8 +370,15 @@ def main(argv: list[str] | None = None) -> None:
         print(calibration.summary(), flush=True)
     if args.machine:
         return
-    if args.precisions is None:
-        args.precisions = ",".join(candidates(info)[0])
+    if args.precisions is None:  # the precisions worth an epoch: within 2x of the fastest's matmul rate
+        offered = candidates(info)[0]
+        rates = calibration.rates if calibration else {}
+        top = max(rates.values(), default=0.0)
+        keep = [p for p in offered if not top or rates.get(p, 0.0) >= top / 2]
+        if len(keep) < len(offered):
+            print(f"precision arms left out (matmuls under half the fastest's rate here; --precisions "
+                  f"adds them): {', '.join(p for p in offered if p not in keep)}", flush=True)
+        args.precisions = ",".join(keep)
     if args.steps is None:  # one epoch: ceil(train rows / batch size)
         import pandas as pd
 

@@ -48,15 +48,9 @@ _state: dict[str, object] = {"active": False, "reason": "not requested"}
 
 def cpu_vendor() -> str:
     """``vendor_id`` from /proc/cpuinfo ('' where there is none: not Linux, not x86)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
+    from sftlab.perf.precision import cpu_info  # torch-free
+
+    return cpu_info()["vendor"]
 
 
 def needed(vendor: str, machine: str, torch_imported: bool) -> str | None:

@@ -63,19 +63,24 @@ def choose_precision(rates: dict[str, float], half: str = BF16, min_speedup: flo
 
 
 def cpu_info() -> dict[str, Any]:
-    """CPU model, the flags that decide matmul speed, and a hash of all flags (``/proc/cpuinfo``)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """CPU model, vendor, the flags that decide matmul speed, and a hash of all flags (``/proc/cpuinfo``).
+
+    Torch-free: :mod:`sftlab.perf.blas` reads the vendor before torch is imported.
+    """
+    name, vendor, flags = platform.processor() or platform.machine(), "", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and value.strip():
                     name = value.strip()
+                elif key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
                 elif key.strip() in ("flags", "Features") and not flags:
                     flags = set(value.split())
     except OSError:
         pass
-    return {"name": name, "flags": [f for f in MATMUL_FLAGS if f in flags],
+    return {"name": name, "vendor": vendor, "flags": [f for f in MATMUL_FLAGS if f in flags],
             "flags_hash": hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12]}
 
 
