@@ -133,7 +133,8 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     """(b) a plain PyTorch loop: AdamW, linear warmup/decay, clip 1.0, nothing else.
 
     With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
-    model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``) and heap policy (the
+    model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``; the last block for [CLS]
+    only, ``perf.last_block_first_token``) and heap policy (the
     ``perf.release_memory`` callback's, driven by hand), so its wall time is the floor that
     sftlab's own loop is measured against: the difference is the framework, nothing else.
     """
@@ -152,6 +153,11 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
         from sftlab.perf import use_fast_dropout
 
         use_fast_dropout(model, **args.default_fast_dropout)
+    if sftlab_batches and args.default_last_block is not None:
+        from sftlab.perf.last_block import first_token_forward, last_block
+
+        block = last_block(model)  # MiniLM's pooler reads [CLS]: the callback's case
+        block.forward = first_token_forward(block)
     if sftlab_batches:
         lengths = [len(x) for x in train.with_format(None)["input_ids"]]
         loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
@@ -295,6 +301,7 @@ def child(args) -> None:
         blas.from_config(defaults)  # before torch, as train() does
     args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
     args.default_release_memory = _perf_options(defaults, "release_memory")
+    args.default_last_block = _perf_options(defaults, "last_block_first_token")
     if arm.startswith("sftlab@"):
         r = run_sftlab(args, args.steps, [f"trainer.precision={arm.split('@', 1)[1]}"])
     elif arm in ("sftlab", "fastest", "fastest_3ep"):

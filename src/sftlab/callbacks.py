@@ -77,7 +77,8 @@ class TrainThroughput(pl.Callback):
         self.world_size = trainer.world_size  # FLOPs are this rank's; the others do as much
         self.flop_counter.add(getattr(pl_module, "model", pl_module), batch,
                               head_per_token=getattr(pl_module, "head_rows", "sequence") == "token",
-                              cached_blocks=getattr(pl_module, "frozen_cached_blocks", 0))
+                              cached_blocks=getattr(pl_module, "frozen_cached_blocks", 0),
+                              first_token_last_block=getattr(pl_module, "first_token_last_block", False))
         if self.first_step_s is None and self._fit_t0 is not None:
             self.first_step_s = time.perf_counter() - self._fit_t0
 
@@ -117,6 +118,8 @@ class TrainThroughput(pl.Callback):
             "train_samples_per_s": round(self.samples_per_s, 3),
             "time_to_first_step_s": round(self.first_step_s or 0.0, 3),
             "train_model_gflops_per_s": float(f"{self.gflops_per_s:.4g}"),
+            # the count itself (all processes): what train_mfu's numerator divides by the time
+            "train_model_gflops": float(f"{self.flop_counter.flops * self.world_size / 1e9:.6g}"),
         }
         if self.peak_gflops:
             peak = self.peak_gflops * (self.world_size if self.peak_per_process else 1)

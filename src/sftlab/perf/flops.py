@@ -18,7 +18,11 @@ frameworks, where samples/s is not. What is counted, per training batch (``N`` =
   classifier's head (``head_per_token``);
 - attention, per block: ``4·H·len²`` per sequence forward (scores ``QKᵀ`` and ``softmax·V``,
   ``H`` = the hidden size, ``len`` = the sequence's real length) and ``8·H·len²`` backward
-  where gradients flow into the block.
+  where gradients flow into the block;
+- a last block that computes the first token only (:mod:`sftlab.perf.last_block`): its key and
+  value projections per real token, its other matmuls one row per sequence, its attention
+  ``4·H·len`` forward (one query row) and ``8·H·len`` backward. The skipped rows are work the
+  classifier does not need; counting them would credit the skip as achieved FLOP/s.
 
 "Below" is the order in which parameters are registered (embeddings, blocks, pooler, head,
 and inside a block its modules in order), which is the forward order of the transformers
@@ -35,6 +39,8 @@ from typing import Any
 # module names of projections that read the same input as their siblings (q/k/v)
 _PARALLEL = frozenset({"query", "key", "value", "q_lin", "k_lin", "v_lin", "q_proj", "k_proj", "v_proj",
                        "query_proj", "key_proj", "value_proj"})
+# of those, the projections a first-token-only block still computes for every token
+_KEY_VALUE = frozenset({"key", "value", "k_lin", "v_lin", "k_proj", "v_proj", "key_proj", "value_proj"})
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,15 @@ def _group(path: str) -> str:
     return path
 
 
-def step_flops(model, layer_map=None, head_per_token: bool = False, cached_blocks: int = 0) -> StepFlops:
+def step_flops(model, layer_map=None, head_per_token: bool = False, cached_blocks: int = 0,
+               first_token_last_block: bool = False) -> StepFlops:
     """The per-token, per-sequence and attention FLOP coefficients of one training step now.
 
     ``cached_blocks``: the bottom blocks whose outputs come from the frozen-prefix cache
     (:mod:`sftlab.perf.frozen_cache`); they do not run, so they count nothing. Counting them
     would credit the cache's saved work as achieved FLOP/s and inflate ``train_mfu``.
+    ``first_token_last_block``: the top block computes the first token only, apart from its
+    keys and values (:mod:`sftlab.perf.last_block`), counted as the module docstring says.
 
     Depends on which parameters require grad, so it is recomputed when that changes
     (gradual unfreezing). ``layer_map`` defaults to :func:`sftlab.layers.build_layer_map`; a
@@ -90,25 +99,32 @@ def step_flops(model, layer_map=None, head_per_token: bool = False, cached_block
             layer_map = build_layer_map(model)
         except Exception:  # noqa: BLE001  (an unmappable model still gets a count)
             layer_map = None
-    parts = ([(p.kind, p.params) for p in layer_map
+    parts = ([(p.kind, p.index, p.params) for p in layer_map
               if not (p.kind == BLOCK and p.index is not None and p.index < cached_blocks)]
-             if layer_map is not None else [(BLOCK, list(model.named_parameters()))])
+             if layer_map is not None else [(BLOCK, None, list(model.named_parameters()))])
+    top = max((i for kind, i, _ in parts if kind == BLOCK and i is not None), default=None)
     matmuls = _matmul_weights(model)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     per_token = per_sequence = per_len_sq = 0
     seen = False  # a trainable parameter lies below (registered earlier)
     group_seen: dict[str, bool] = {}  # "seen" when a sibling group began
-    for kind, params in parts:
+    for kind, index, params in parts:
         part_flows = seen or any(p.requires_grad for _, p in params)
+        first_only = first_token_last_block and kind == BLOCK and index is not None and index == top
         if kind == BLOCK and layer_map is not None:
-            per_len_sq += 4 * hidden + (8 * hidden if part_flows else 0)
+            attention = 4 * hidden + (8 * hidden if part_flows else 0)
+            if first_only:  # one query row: len instead of len² per sequence
+                per_token += attention
+            else:
+                per_len_sq += attention
         for _, p in params:
             path = matmuls.get(id(p))
             if path is not None:
                 below = group_seen.setdefault(_group(path), seen)
                 n = p.numel()
                 flops = 2 * n + (2 * n if p.requires_grad else 0) + (2 * n if below else 0)
-                if kind == POOLER or (kind == HEAD and not head_per_token):
+                one_row = first_only and not _KEY_VALUE.intersection(path.split("."))
+                if kind == POOLER or (kind == HEAD and not head_per_token) or one_row:
                     per_sequence += flops
                 else:
                     per_token += flops
@@ -136,16 +152,18 @@ class FlopCounter:
         self._coef: StepFlops | None = None
         self._params: list = []
 
-    def add(self, model, batch: Any, head_per_token: bool = False, cached_blocks: int = 0) -> int:
+    def add(self, model, batch: Any, head_per_token: bool = False, cached_blocks: int = 0,
+            first_token_last_block: bool = False) -> int:
         """Count one training batch of ``model``; return its FLOPs (0 without model or tokens)."""
         if model is None or not hasattr(batch, "get") or batch.get("input_ids") is None:
             return 0
         if not self._params:
             self._params = [p for _, p in model.named_parameters()]
-        key = (*(p.requires_grad for p in self._params), cached_blocks)
+        key = (*(p.requires_grad for p in self._params), cached_blocks, first_token_last_block)
         if key != self._key:
             self._key, self._coef = key, step_flops(model, head_per_token=head_per_token,
-                                                    cached_blocks=cached_blocks)
+                                                    cached_blocks=cached_blocks,
+                                                    first_token_last_block=first_token_last_block)
         flops = self._coef.batch(*batch_shape(batch))
         self.flops += flops
         return flops
