@@ -265,12 +265,13 @@ def calibrate_defaults(defaults):
     return resolve_precision(defaults, model), model, tok
 
 
-def flops_per_example(model, tok, args) -> float:
-    """Mean model FLOPs of one training example of the train split (full fine-tuning)."""
+def flops_per_example(model, tok, args, first_token_last_block: bool = False) -> float:
+    """Mean model FLOPs of one training example of the train split (full fine-tuning; the last
+    block for [CLS] only where the arm switches it, as ``train_mfu`` counts it)."""
     from sftlab.perf.flops import step_flops
 
     lengths = [len(x) for x in load_split(tok, "train", args.max_length)["input_ids"]]
-    coef = step_flops(model)
+    coef = step_flops(model, first_token_last_block=first_token_last_block)
     return sum(coef.batch(n, 1, n * n) for n in lengths) / len(lengths)
 
 
@@ -312,7 +313,8 @@ def child(args) -> None:
         calibration, model, tok = calibrate_defaults(defaults)
         args.default_precision = str(defaults.trainer.precision)
         precision = ARM_PRECISION.get(arm, args.default_precision)
-        per_example = flops_per_example(model, tok, args)
+        per_example = flops_per_example(model, tok, args, first_token_last_block=(
+            arm == "plain_sftlab" and args.default_last_block is not None))
         del model, tok
         if arm in ("hf", "hf_mkl", "hf_3ep"):
             r = run_hf(args, None if arm == "hf_3ep" else args.steps, epochs=3 if arm == "hf_3ep" else 1.0,
