@@ -134,7 +134,7 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
 
     With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
     model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``; the last block for [CLS]
-    only, ``perf.last_block_first_token``) and heap policy (the
+    only, ``perf.last_block_cls_only``) and heap policy (the
     ``perf.release_memory`` callback's, driven by hand), so its wall time is the floor that
     sftlab's own loop is measured against: the difference is the framework, nothing else.
     """
@@ -302,7 +302,7 @@ def child(args) -> None:
         blas.from_config(defaults)  # before torch, as train() does
     args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
     args.default_release_memory = _perf_options(defaults, "release_memory")
-    args.default_last_block = _perf_options(defaults, "last_block_first_token")
+    args.default_last_block = _perf_options(defaults, "last_block_cls_only")
     if arm.startswith("sftlab@"):
         r = run_sftlab(args, args.steps, [f"trainer.precision={arm.split('@', 1)[1]}"])
     elif arm in ("sftlab", "fastest", "fastest_3ep"):

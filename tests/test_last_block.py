@@ -106,26 +106,26 @@ def test_the_callback_leaves_other_heads_and_blocks_alone(arch, pooling, head_ro
     switched. The callback says why and changes nothing."""
     import logging
 
-    from sftlab.perf.last_block import FLAG, LastBlockFirstToken, last_block
+    from sftlab.perf.last_block import FLAG, LastBlockClsOnly, last_block
 
     model = tiny_model(arch)
     pl_module = module(model, pooling, head_rows)
-    callback = LastBlockFirstToken()
+    callback = LastBlockClsOnly()
     with caplog.at_level(logging.INFO, logger="sftlab.perf.last_block"):
         callback.setup(None, pl_module, "fit")
     assert reason in caplog.text and "off" in caplog.text
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert not getattr(pl_module, FLAG, False) and callback.run_stats() == {"last_block_first_token": False}
+    assert not getattr(pl_module, FLAG, False) and callback.run_stats() == {"last_block_cls_only": False}
     assert last_block(model) is not None
 
 
 def test_the_callback_swaps_the_last_block_and_teardown_restores_it():
-    from sftlab.perf.last_block import FLAG, LastBlockFirstToken, last_block
+    from sftlab.perf.last_block import FLAG, LastBlockClsOnly, last_block
 
     model = tiny_model("bert")
     keys = list(model.state_dict())
     pl_module = module(model)
-    callback = LastBlockFirstToken()
+    callback = LastBlockClsOnly()
     callback.setup(None, pl_module, "fit")
     block = last_block(model)
     assert "forward" in block.__dict__ and getattr(pl_module, FLAG) is True
@@ -144,19 +144,19 @@ def test_the_callback_swaps_the_last_block_and_teardown_restores_it():
     assert not torch.allclose(twin.eval()(**inputs).logits, model.eval()(**inputs).logits)
     callback.teardown(None, pl_module, "fit")
     assert "forward" not in block.__dict__ and getattr(pl_module, FLAG) is False
-    assert callback.run_stats() == {"last_block_first_token": True}
+    assert callback.run_stats() == {"last_block_cls_only": True}
 
 
 def test_a_last_block_the_frozen_cache_replaced_is_left_to_it(caplog):
     import logging
 
-    from sftlab.perf.last_block import LastBlockFirstToken, last_block
+    from sftlab.perf.last_block import LastBlockClsOnly, last_block
 
     model = tiny_model("bert")
     block = last_block(model)
     swapped = block.forward = lambda *a, **k: None  # what FrozenPrefix.install does
     with caplog.at_level(logging.INFO, logger="sftlab.perf.last_block"):
-        LastBlockFirstToken().setup(None, module(model), "fit")
+        LastBlockClsOnly().setup(None, module(model), "fit")
     assert block.__dict__["forward"] is swapped and "frozen-prefix cache" in caplog.text
 
 
@@ -183,9 +183,9 @@ def test_a_default_run_switches_the_block_and_counts_honestly(compose, tmp_path)
 
     on, off = tmp_path / "on", tmp_path / "off"
     train(compose("export=false", "test=false", out=on))
-    train(compose("export=false", "test=false", "perf.last_block_first_token.enable=false", out=off))
+    train(compose("export=false", "test=false", "perf.last_block_cls_only.enable=false", out=off))
     m_on, m_off = (json.loads((d / "metrics.json").read_text()) for d in (on, off))
-    assert m_on["last_block_first_token"] is True and "last_block_first_token" not in m_off
+    assert m_on["last_block_cls_only"] is True and "last_block_cls_only" not in m_off
     assert 0 < m_on["train_model_gflops"] < m_off["train_model_gflops"]
     assert abs(m_on["val/loss"] - m_off["val/loss"]) < 0.05
 

@@ -735,3 +735,28 @@ def test_last_ckpt_holds_the_end_of_training(compose, tmp_path):
     (best,) = [p for p in (run / "checkpoints").glob("epoch*.ckpt")]
     assert best.name.startswith("epoch01-")  # the only top-k save: not at the end
     assert last["global_step"] == steps
+
+
+def test_no_config_key_is_named_like_a_credential():
+    """The saved config.yaml drops keys named like credentials (sftlab.secrets: ``token`` as the
+    last word, ``secret``, ...), and ``resume=`` and ``eval.py`` read that file: a setting under
+    such a name would silently vanish from a resumed run (a perf switch named
+    ``..._first_token`` once did, and the resumed run drew other dropout masks)."""
+    from omegaconf import OmegaConf
+
+    from sftlab.secrets import is_secret_name
+
+    def keys(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield f"{prefix}{k}"
+                yield from keys(v, f"{prefix}{k}.")
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v, prefix)
+
+    named = [f"{path.relative_to(ROOT / 'conf')}: {key}"
+             for path in sorted((ROOT / "conf").rglob("*.yaml"))
+             for key in keys(OmegaConf.to_container(OmegaConf.load(path)))
+             if is_secret_name(key.rsplit(".", 1)[-1])]
+    assert not named, f"rename these config keys (they are dropped from config.yaml): {named}"

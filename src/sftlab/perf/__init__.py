@@ -11,7 +11,7 @@
 - :mod:`sftlab.perf.blas`: oneMKL's fast matmul path on AMD and other non-Intel x86 CPUs
   (``perf.mkl_fast_path``), set up before torch is imported;
 - :mod:`sftlab.perf.last_block`: the last block computes only the first token when the head
-  reads only that (``perf.last_block_first_token``);
+  reads only that (``perf.last_block_cls_only``);
 - :mod:`sftlab.perf.frozen_cache`: the frozen bottom of ``head_only``/``partial`` computed once
   per example and cached (``perf.frozen_cache``, switched by ``strategy.cache_frozen``), with
   its swap and store in :mod:`sftlab.perf.frozen_prefix`.
@@ -36,7 +36,7 @@ _WHERE = {
     "FlopCounter": "flops", "step_flops": "flops",
     "FrozenPrefixCache": "frozen_cache",
     "ReleaseFreeMemory": "heap",
-    "LastBlockFirstToken": "last_block",
+    "LastBlockClsOnly": "last_block",
     "Calibration": "precision", "calibrate": "precision", "choose_precision": "precision",
     "resolve_precision": "precision",
 }

@@ -138,7 +138,7 @@ def last_block(model: torch.nn.Module) -> torch.nn.Module | None:
     return blocks[-1] if len(blocks) else None
 
 
-class LastBlockFirstToken(pl.Callback):
+class LastBlockClsOnly(pl.Callback):
     """Switch the last block to :func:`first_token_forward` where it applies (module docstring).
 
     ``setup`` in every stage (validation and test compute the same logits faster too), after
@@ -180,4 +180,4 @@ class LastBlockFirstToken(pl.Callback):
         setattr(pl_module, FLAG, False)
 
     def run_stats(self) -> dict[str, bool]:
-        return {"last_block_first_token": self.used}
+        return {"last_block_cls_only": self.used}
