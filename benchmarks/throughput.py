@@ -134,7 +134,8 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
 
     With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
     model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``; the last block for [CLS]
-    only, ``perf.last_block_cls_only``) and heap policy (the
+    only, ``perf.last_block_cls_only``; the kept word-embedding gradient and its clipping,
+    ``perf.embedding_grad_rows``) and heap policy (the
     ``perf.release_memory`` callback's, driven by hand), so its wall time is the floor that
     sftlab's own loop is measured against: the difference is the framework, nothing else.
     """
@@ -158,6 +159,15 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
 
         block = last_block(model)  # MiniLM's pooler reads [CLS]: the callback's case
         block.forward = first_token_forward(block)
+    clip = torch.nn.utils.clip_grad_norm_
+    if sftlab_batches and args.default_embedding_grad is not None:
+        from types import SimpleNamespace
+
+        from sftlab.perf.embedding_grad import EmbeddingGradRows, clip_grad_norm_
+
+        EmbeddingGradRows().setup(SimpleNamespace(world_size=1, strategy=SimpleNamespace(
+            root_device=torch.device("cpu"))), SimpleNamespace(model=model), "fit")
+        clip = clip_grad_norm_
     if sftlab_batches:
         lengths = [len(x) for x in train.with_format(None)["input_ids"]]
         loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
@@ -183,7 +193,7 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip(list(model.parameters()), 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -303,6 +313,7 @@ def child(args) -> None:
     args.default_fast_dropout = _perf_options(defaults, "fast_dropout")
     args.default_release_memory = _perf_options(defaults, "release_memory")
     args.default_last_block = _perf_options(defaults, "last_block_cls_only")
+    args.default_embedding_grad = _perf_options(defaults, "embedding_grad_rows")
     if arm.startswith("sftlab@"):
         r = run_sftlab(args, args.steps, [f"trainer.precision={arm.split('@', 1)[1]}"])
     elif arm in ("sftlab", "fastest", "fastest_3ep"):

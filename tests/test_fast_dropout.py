@@ -55,6 +55,21 @@ def test_fast_dropout_equals_where_with_the_same_mask(dtype):
         assert fd.fast_dropout(x, p).dtype == dtype
 
 
+def test_keep_mask_draws_the_words_randint_drew():
+    """The full-range ``random_`` + xor (no 64-bit division per word) gives the masks the earlier
+    ``randint(-2**63, 2**63 - 1)`` gave, and leaves the generator where randint left it: seeded
+    runs train on the same dropout masks as before the change."""
+    n = 4 * 1000 + 3
+    torch.manual_seed(7)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    after = torch.randint(0, 2**31, (4,))
+    threshold = -32768 + round(0.1 * 65536)
+    expected = words.view(torch.int16)[:n] >= threshold
+    torch.manual_seed(7)
+    assert torch.equal(fd.keep_mask((n,), 0.1), expected)
+    assert torch.equal(torch.randint(0, 2**31, (4,)), after)
+
+
 def test_keep_mask_edge_probabilities():
     assert torch.equal(fd.keep_mask((3, 5), 1e-7, torch.float32), torch.ones(3, 5))  # rounds to 0
     assert torch.equal(fd.keep_mask((3, 5), 1 - 1e-7, torch.bfloat16), torch.zeros(3, 5, dtype=torch.bfloat16))

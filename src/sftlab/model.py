@@ -248,7 +248,9 @@ class TextClassifier(pl.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            from sftlab.perf.embedding_grad import clip_grad_norm_
+
+            clip_grad_norm_(params, gradient_clip_val)  # torch's, or over a kept buffer's touched rows
 
     def on_fit_start(self) -> None:
         from sftlab.console import print_parts_table

@@ -12,6 +12,8 @@
   (``perf.mkl_fast_path``), set up before torch is imported;
 - :mod:`sftlab.perf.last_block`: the last block computes only the first token when the head
   reads only that (``perf.last_block_cls_only``);
+- :mod:`sftlab.perf.embedding_grad`: the word-embedding gradient in one kept buffer, only the
+  rows a batch touched written, reset and clipped (``perf.embedding_grad_rows``);
 - :mod:`sftlab.perf.frozen_cache`: the frozen bottom of ``head_only``/``partial`` computed once
   per example and cached (``perf.frozen_cache``, switched by ``strategy.cache_frozen``), with
   its swap and store in :mod:`sftlab.perf.frozen_prefix`.
@@ -37,6 +39,7 @@ _WHERE = {
     "FrozenPrefixCache": "frozen_cache",
     "ReleaseFreeMemory": "heap",
     "LastBlockClsOnly": "last_block",
+    "EmbeddingGradRows": "embedding_grad",
     "Calibration": "precision", "calibrate": "precision", "choose_precision": "precision",
     "resolve_precision": "precision",
 }
