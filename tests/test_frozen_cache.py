@@ -136,6 +136,49 @@ def test_cached_top_equals_the_live_eval_mode_model(arch, name, monkeypatch):
         assert torch.equal(logits(model, batch), live)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
+def test_first_token_rows_give_the_same_logits_from_a_fraction_of_the_store(arch):
+    """head_only under a head that reads [CLS] (BERT's pooler, the RoBERTa/ELECTRA heads): rows
+    that keep only their first position give the full rows' logits bit for bit, from a store
+    as many times smaller as the rows are long; a left-padded row is refused, not mis-stored."""
+    import torch
+
+    from sftlab.perf.frozen_prefix import PrefixStore, attention_mask_of
+    from sftlab.strategies import HeadOnly
+
+    model = tiny_model(arch)
+    prefix = prefix_of(model, HeadOnly())
+    model.eval()
+    batch = padded_batch(model)
+    mask = attention_mask_of(batch)
+    hidden = prefix.compute(batch)
+    full, first = PrefixStore(), PrefixStore(first_only=True)
+    full.add(batch["idx"].tolist(), hidden, mask)
+    first.add(batch["idx"].tolist(), hidden, mask)
+    assert first.nbytes * int(mask.sum()) == full.nbytes * len(batch["idx"])  # 1 row instead of length
+    prefix.install()
+    out = {}
+    for kind, store in (("full", full), ("first", first)):
+        prefix.feed(store.gather(batch["idx"].tolist(), mask))
+        with torch.no_grad():
+            out[kind] = logits(model, batch)
+    prefix.remove()
+    assert torch.equal(out["first"], out["full"])
+    left = mask.flip(1)
+    with pytest.raises(RuntimeError, match="first position is padding"):
+        PrefixStore(first_only=True).add(batch["idx"].tolist(), hidden, left)
+
+
+def test_a_head_only_run_keeps_first_tokens_unless_the_head_reads_more(compose, tmp_path):
+    """The default head (MiniLM-like BERT: the pooler reads [CLS]) caches first tokens only and
+    says so; mean pooling reads every token, so every token is cached (a larger store)."""
+    cls = run(compose, tmp_path / "cls", "strategy=head_only")
+    mean = run(compose, tmp_path / "mean", "strategy=head_only", "model.pooling=mean")
+    assert cls["frozen_cache_first_token_only"] is True and mean["frozen_cache_first_token_only"] is False
+    assert 0 < cls["frozen_cache_mb"] * 4 < mean["frozen_cache_mb"]
+    assert cls["embedding_grad_rows"] is False  # frozen embeddings: the kept buffer never ran
+
+
 # ------------------------------------------------------------------------------ (b) a step
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_a_step_on_the_cache_trains_the_top_and_leaves_the_frozen_weights_bit_identical(arch):

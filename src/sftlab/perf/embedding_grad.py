@@ -187,10 +187,11 @@ class EmbeddingGradRows(pl.Callback):
         state = _Rows()
         emb.forward = functools.partial(_forward, emb, state)
         _ROWS[emb.weight] = state
-        self.module, self.used = emb, True
+        self.module = emb
         if not self._said:
-            log.info("embedding gradient in a kept buffer: on (the batch's rows are added, reset and "
-                     "clipped; the optimizer sees the whole gradient)")
+            log.info("embedding gradient in a kept buffer: on%s (the batch's rows are added, reset and "
+                     "clipped; the optimizer sees the whole gradient)",
+                     "" if emb.weight.requires_grad else " whenever the embedding trains (frozen now)")
             self._said = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -199,8 +200,10 @@ class EmbeddingGradRows(pl.Callback):
         emb, self.module = self.module, None
         emb.__dict__.pop("forward", None)
         state = _ROWS.pop(emb.weight, None)
+        self.used = self.used or (state is not None and state.buffer is not None)  # it ran (metrics.json)
         if state is not None and emb.weight.grad is state.buffer:
             emb.weight.grad = None  # not left holding a buffer the next fit would not know
 
     def run_stats(self) -> dict[str, Any]:
+        """``embedding_grad_rows``: whether a backward went through the kept buffer in this fit."""
         return {"embedding_grad_rows": self.used}

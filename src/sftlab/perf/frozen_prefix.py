@@ -55,7 +55,8 @@ class FrozenPrefix:
         if not 1 <= depth <= len(blocks):
             raise ValueError(f"depth {depth} outside 1..{len(blocks)}")
         self.model = model
-        self.blocks = list(blocks)[:depth]
+        self.all_blocks = list(blocks)
+        self.blocks = self.all_blocks[:depth]
         self.depth = depth
         self.installed = False
         self._next: torch.Tensor | None = None
@@ -135,10 +136,17 @@ def attention_mask_of(batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 class PrefixStore:
-    """One split's prefix outputs: row ``idx`` -> its real tokens' hidden states [length, hidden]."""
+    """One split's prefix outputs: row ``idx`` -> its real tokens' hidden states [length, hidden].
 
-    def __init__(self, rows: dict[int, torch.Tensor] | None = None) -> None:
+    ``first_only``: each row keeps its first position only ([1, hidden]), for a prefix that is
+    the whole body under a head that reads only that position (``head_only`` with BERT's pooler
+    or a [CLS] head, right padding): the rest of the row is never read, and the store is
+    ~length times smaller (AG News, MiniLM: ~50x). Gathered batches hold zeros elsewhere.
+    """
+
+    def __init__(self, rows: dict[int, torch.Tensor] | None = None, first_only: bool = False) -> None:
         self.rows: dict[int, torch.Tensor] = rows or {}
+        self.first_only = bool(first_only)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -153,6 +161,13 @@ class PrefixStore:
     def add(self, idx: Sequence[int], hidden: torch.Tensor, mask: torch.Tensor) -> None:
         """Keep each row's real tokens (``mask``), on the CPU; padding is never stored."""
         hidden, mask = hidden.detach().cpu(), mask.cpu()
+        if self.first_only:
+            if not bool(mask[:, 0].all()):
+                raise RuntimeError("frozen prefix cache: a row's first position is padding (left "
+                                   "padding?), so its first token cannot be kept alone")
+            for i, row in enumerate(idx):
+                self.rows[int(row)] = hidden[i, :1].clone()  # a copy: not a view of the batch
+            return
         for i, row in enumerate(idx):
             self.rows[int(row)] = hidden[i][mask[i]]  # boolean indexing copies
 
@@ -165,12 +180,15 @@ class PrefixStore:
         no head reads them)."""
         mask = mask.cpu()
         rows = [self.rows[int(i)] for i in idx]
-        lengths = mask.sum(1).tolist()
+        lengths = [1] * len(rows) if self.first_only else mask.sum(1).tolist()
         if [r.shape[0] for r in rows] != lengths:
             raise RuntimeError("frozen prefix cache: a cached row's length differs from the batch's "
                                "(a stale cache? delete it under <paths.cache_dir>/frozen)")
         out = rows[0].new_zeros((*mask.shape, rows[0].shape[-1]))
-        out[mask] = torch.cat(rows)
+        if self.first_only:
+            out[:, 0] = torch.cat(rows)
+        else:
+            out[mask] = torch.cat(rows)
         return out
 
     def save(self, path: Path) -> None:
@@ -192,8 +210,8 @@ class PrefixStore:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: Path) -> PrefixStore:
+    def load(cls, path: Path, first_only: bool = False) -> PrefixStore:
         """Rows as views of the memory-mapped flat tensor (pages shared between processes)."""
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         rows = state["hidden"].split(state["lengths"].tolist())
-        return cls(dict(enumerate(rows)))
+        return cls(dict(enumerate(rows)), first_only=first_only)
