@@ -112,8 +112,9 @@ class _EmbeddingIntoBuffer(torch.autograd.Function):
 
 def _forward(module: torch.nn.Embedding, state: _Rows, ids: torch.Tensor) -> torch.Tensor:
     weight = module.weight
+    # fp32 weights only: the stock backward of a bf16/fp16 embedding may accumulate in fp32
     if (state.broken is None and torch.is_grad_enabled() and weight.requires_grad
-            and weight.device.type == "cpu"):
+            and weight.device.type == "cpu" and weight.dtype == torch.float32):
         return _EmbeddingIntoBuffer.apply(ids, weight, module.padding_idx, state)
     return type(module).forward(module, ids)
 
