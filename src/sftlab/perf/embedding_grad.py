@@ -102,10 +102,8 @@ class _EmbeddingIntoBuffer(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         weight = ctx.weight
         grad = grad.reshape(-1, grad.shape[-1])
-        if grad.dtype != weight.dtype:  # the stock backward sums in grad's dtype, then casts
-            dense = torch.ops.aten.embedding_dense_backward(
-                grad, ids.reshape(-1), weight.shape[0], -1 if ctx.padding_idx is None else ctx.padding_idx, False)
-            return None, dense.to(weight.dtype), None, None
+        if grad.dtype != weight.dtype:  # not seen (an fp32 embedding gets an fp32 gradient even
+            grad = grad.to(weight.dtype)  # under autocast); summed in fp32 here, up to rounding
         ctx.state.add(weight, ids.reshape(-1), grad, ctx.padding_idx)
         return None, None, None, None
 
