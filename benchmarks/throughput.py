@@ -135,7 +135,8 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
     With ``sftlab_batches`` it uses sftlab's default batching (length-grouped), precision,
     model-level kernels (``perf.fast_dropout``: ``use_fast_dropout``; the last block for [CLS]
     only, ``perf.last_block_cls_only``; the kept word-embedding gradient and its clipping,
-    ``perf.embedding_grad_rows``) and heap policy (the
+    ``perf.embedding_grad_rows``; the compiled dropout and GELU kernels, ``perf.cpu_kernels``)
+    and heap policy (the
     ``perf.release_memory`` callback's, driven by hand), so its wall time is the floor that
     sftlab's own loop is measured against: the difference is the framework, nothing else.
     """
@@ -168,6 +169,13 @@ def run_plain(args, steps: int, sftlab_batches: bool = False) -> dict:
         EmbeddingGradRows().setup(SimpleNamespace(world_size=1, strategy=SimpleNamespace(
             root_device=torch.device("cpu"))), SimpleNamespace(model=model), "fit")
         clip = clip_grad_norm_
+    if sftlab_batches and args.default_cpu_kernels is not None:
+        from types import SimpleNamespace
+
+        from sftlab.perf.kernels import CpuKernels
+
+        CpuKernels(**args.default_cpu_kernels).setup(SimpleNamespace(strategy=SimpleNamespace(
+            root_device=torch.device("cpu"))), SimpleNamespace(model=model), "fit")
     if sftlab_batches:
         lengths = [len(x) for x in train.with_format(None)["input_ids"]]
         loader = DataLoader(train, batch_sampler=LengthGroupedBatchSampler(
@@ -314,6 +322,7 @@ def child(args) -> None:
     args.default_release_memory = _perf_options(defaults, "release_memory")
     args.default_last_block = _perf_options(defaults, "last_block_cls_only")
     args.default_embedding_grad = _perf_options(defaults, "embedding_grad_rows")
+    args.default_cpu_kernels = _perf_options(defaults, "cpu_kernels")
     if arm.startswith("sftlab@"):
         r = run_sftlab(args, args.steps, [f"trainer.precision={arm.split('@', 1)[1]}"])
     elif arm in ("sftlab", "fastest", "fastest_3ep"):

@@ -61,7 +61,7 @@ def test_the_gradient_is_bit_identical_step_after_step(arch):
     state = switched(kept)
     weight = kept.get_input_embeddings().weight
     pad = kept.get_input_embeddings().padding_idx
-    for step, seed in enumerate((0, 1)):
+    for _step, seed in enumerate((0, 1)):
         inputs = batch(seed)
         stock.zero_grad(set_to_none=True)
         kept.zero_grad(set_to_none=True)
@@ -126,7 +126,6 @@ def test_clipping_over_the_touched_rows_equals_torch(max_norm):
 def test_rows_written_outside_the_set_switch_it_off(monkeypatch, caplog):
     """A gradient row written by someone else is found at the next check: a warning, the buffer
     zeroed, and the stock embedding backward from then on."""
-    import torch
 
     from sftlab.perf import embedding_grad as eg
 

@@ -14,6 +14,8 @@
   reads only that (``perf.last_block_cls_only``);
 - :mod:`sftlab.perf.embedding_grad`: the word-embedding gradient in one kept buffer, only the
   rows a batch touched written, reset and clipped (``perf.embedding_grad_rows``);
+- :mod:`sftlab.perf.kernels`: compiled one-pass CPU kernels for dropout and GELU
+  (``perf.cpu_kernels``), built on the machine by :mod:`sftlab.perf.cbuild`;
 - :mod:`sftlab.perf.frozen_cache`: the frozen bottom of ``head_only``/``partial`` computed once
   per example and cached (``perf.frozen_cache``, switched by ``strategy.cache_frozen``), with
   its swap and store in :mod:`sftlab.perf.frozen_prefix`.
@@ -40,6 +42,7 @@ _WHERE = {
     "ReleaseFreeMemory": "heap",
     "LastBlockClsOnly": "last_block",
     "EmbeddingGradRows": "embedding_grad",
+    "CpuKernels": "kernels",
     "Calibration": "precision", "calibrate": "precision", "choose_precision": "precision",
     "resolve_precision": "precision",
 }

@@ -27,14 +27,11 @@ This module must not import torch: its whole job happens before torch loads.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,25 +63,9 @@ def needed(vendor: str, machine: str, torch_imported: bool) -> str | None:
 
 def build_library(cache_dir: str | os.PathLike | None) -> Path | None:
     """The compiled library, cached under ``<cache_dir>/blas/`` (None without a C compiler)."""
-    root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "sftlab"
-    digest = hashlib.sha1((SOURCE + platform.machine()).encode()).hexdigest()[:12]
-    lib = root / "blas" / f"mkl_intel_cpu_true-{digest}.so"
-    if lib.is_file():
-        return lib
-    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
-    if compiler is None:
-        return None
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
-        src.write_text(SOURCE, encoding="utf-8")
-        done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(out), str(src)],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0 or not out.is_file():
-            log.debug("compiling the MKL shim failed: %s", done.stderr.strip())
-            return None
-        os.replace(out, lib)  # atomic: concurrent sweep jobs may build it at once
-    return lib
+    from sftlab.perf.cbuild import build
+
+    return build("mkl_intel_cpu_true", SOURCE, cache_dir, flags=("-O2",))
 
 
 def use_mkl_fast_path(enable: bool = True, cache_dir: str | os.PathLike | None = None) -> bool:

@@ -12,7 +12,9 @@ it from config only: :class:`FastDropoutCallback` (``conf/perf/default.yaml``,
 
 The mask: one int64 draw split into four 16-bit lanes gives four independent uniform 16-bit
 numbers, so each element is still dropped independently with probability p (rounded to a
-multiple of 1/65536). Off the CPU, or with p == 0, it is ``F.dropout``.
+multiple of 1/65536). Off the CPU, or with p == 0, it is ``F.dropout``. While
+``perf.cpu_kernels`` has its compiled kernel loaded (:mod:`sftlab.perf.kernels`), fp32/bf16
+tensors take that instead: the same rule on the lanes of a hashed counter, in one pass.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, True)
+    from sftlab.perf import (
+        kernels,  # the compiled one-pass kernel, while perf.cpu_kernels has it on
+    )
+
+    if kernels.dropout_active() and kernels.supports(x):
+        return kernels.dropout(x, p)
     return _ScaleByMask.apply(x, keep_mask(x.shape, p, x.dtype), 1.0 / (1.0 - p))
 
 
