@@ -77,9 +77,8 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, True)
-    from sftlab.perf import (
-        kernels,  # the compiled one-pass kernel, while perf.cpu_kernels has it on
-    )
+    # the compiled one-pass kernel, while perf.cpu_kernels has it on
+    from sftlab.perf import kernels
 
     if kernels.dropout_active() and kernels.supports(x):
         return kernels.dropout(x, p)
